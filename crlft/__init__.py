@@ -1,0 +1,3 @@
+"""crlft: C-RLFT (conditioned RL fine-tuning, OpenChat) training on DeepSpeed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,259 @@
+"""Talking to an exported model: ``crlft chat`` and the exact-match evaluation ``crlft eval``.
+
+Both go through the export's own chat template (``tokenizer.apply_chat_template``), so what they show is what a
+user of the exported directory gets, not a re-implementation of the training renderer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from crlft.errors import UserError
+
+
+def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """Load an exported Hugging Face directory (model + tokenizer) for generation on this machine.
+
+    Args:
+        model_dir: A directory written by training's export or ``crlft export``.
+        dtype: ``auto`` (bf16 on GPUs, fp32 on CPUs), ``bfloat16`` or ``float32``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on the GPU when there is one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: not a model directory (no config.json); pass an export directory, e.g. "
+                        "RUN/export/final")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    if tokenizer.chat_template is None:
+        raise UserError(f"{model_dir}: the tokenizer has no chat_template; export it with crlft")
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], condition: str | None) -> list[int]:
+    """Token ids of ``messages`` followed by the assistant's prefix, rendered by the export's chat template.
+
+    Args:
+        tokenizer: The export's tokenizer.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": ...}, ...]``.
+        condition: The class condition for templates that take one (OpenChat's); None uses the template's
+            inference condition.
+    """
+    kwargs = {} if condition is None else {"condition": condition}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@torch.no_grad()
+def generate_batch(model: Any, tokenizer: Any, batch_ids: list[list[int]], max_new_tokens: int,
+                   temperature: float = 0.0) -> list[str]:
+    """Generate a completion for each prompt (left-padded into one batch); greedy when ``temperature`` is 0.
+
+    Returns:
+        The completions' text, cut at the end-of-turn token (the generation config's eos).
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    length = max(len(ids) for ids in batch_ids)
+    input_ids = torch.full((len(batch_ids), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch_ids), length), dtype=torch.long)
+    for i, ids in enumerate(batch_ids):
+        input_ids[i, length - len(ids):] = torch.tensor(ids)
+        attention_mask[i, length - len(ids):] = 1
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    texts = []
+    for row in out[:, length:].tolist():
+        cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact-match evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of whitespace to one space and strip the ends (the exact-match comparison)."""
+    return " ".join(text.split())
+
+
+def read_eval_prompts(path: str, max_samples: int | None = None) -> list[dict[str, Any]]:
+    """Held-out prompts: a JSON-lines file of ``{"prompt": ..., "answer": ..., "task"?: ...}`` records.
+
+    Raises:
+        UserError: A missing file, a malformed line or a record without ``prompt``/``answer`` (file and line named).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"eval prompts not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_number}: malformed JSON: {e.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "answer" not in record:
+                raise UserError(f"{path}:{line_number}: an eval record needs a string 'prompt' and an 'answer'")
+            records.append(record)
+            if max_samples is not None and len(records) >= max_samples:
+                break
+    return records
+
+
+def evaluate_exact_match(model: Any, tokenizer: Any, records: list[dict[str, Any]], conditions: list[str],
+                         max_new_tokens: int = 32, batch_size: int = 64) -> dict[str, Any]:
+    """Greedy answers to every held-out prompt under each condition, scored by exact match.
+
+    Args:
+        model: The model (eval mode).
+        tokenizer: Its tokenizer with the chat template.
+        records: From ``read_eval_prompts``.
+        conditions: Conditions to prompt with (e.g. ``["GPT4", "GPT3"]``; "" for a plain ``User:`` prefix).
+        max_new_tokens: Longest answer generated.
+        batch_size: Prompts generated together.
+
+    Returns:
+        ``{condition: {"accuracy": float, "num_correct": int, "num_prompts": int, "per_task": {task: accuracy},
+        "examples": [first few (prompt, answer, completion)]}}``.
+    """
+    results: dict[str, Any] = {}
+    for condition in conditions:
+        all_ids = [prompt_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], condition) for r in records]
+        completions: list[str] = []
+        for start in range(0, len(all_ids), batch_size):
+            completions += generate_batch(model, tokenizer, all_ids[start:start + batch_size], max_new_tokens)
+        per_task: dict[str, list[bool]] = defaultdict(list)
+        correct_flags = []
+        for record, completion in zip(records, completions):
+            correct = normalize_whitespace(completion) == normalize_whitespace(str(record["answer"]))
+            correct_flags.append(correct)
+            per_task[str(record.get("task", "all"))].append(correct)
+        results[condition] = {
+            "accuracy": sum(correct_flags) / max(len(correct_flags), 1),
+            "num_correct": sum(correct_flags),
+            "num_prompts": len(correct_flags),
+            "per_task": {task: sum(flags) / len(flags) for task, flags in sorted(per_task.items())},
+            "examples": [{"prompt": r["prompt"], "answer": r["answer"], "completion": c}
+                         for r, c in list(zip(records, completions))[:3]],
+        }
+    return results
+
+
+def format_eval_table(results: dict[str, Any]) -> str:
+    """The per-condition accuracy table ``crlft eval`` prints."""
+    tasks = sorted({task for r in results.values() for task in r["per_task"]})
+    header = f"{'condition':<16} {'accuracy':>9} {'correct':>9}" + "".join(f" {task:>9}" for task in tasks)
+    lines = [header, "-" * len(header)]
+    for condition, r in results.items():
+        name = condition if condition else '""'
+        lines.append(f"{name:<16} {r['accuracy']:>9.1%} {r['num_correct']:>4}/{r['num_prompts']:<4}"
+                     + "".join(f" {r['per_task'].get(task, float('nan')):>9.1%}" for task in tasks))
+    return "\n".join(lines)
+
+
+def eval_main(argv: list[str]) -> int:
+    """``crlft eval RECIPE.yaml [section.key=value ...] [--model DIR]``: exact-match accuracy per condition."""
+    from crlft.config import load_recipe
+
+    parser = argparse.ArgumentParser(prog="crlft eval", description="Exact-match accuracy of an exported model on "
+                                     "the recipe's held-out prompts (eval.prompts), under each of eval.conditions.")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--model", help="export directory (default: train.output_dir/export/final)")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    e = recipe.eval
+    if not e.prompts:
+        raise UserError(f"{recipe.where('eval', 'prompts')}: no held-out prompts configured")
+    model_dir = args.model or os.path.join(recipe.train.output_dir, "export", "final")
+    records = read_eval_prompts(e.prompts, e.max_samples)
+    model, tokenizer = load_export(model_dir)
+    started = time.perf_counter()
+    results = evaluate_exact_match(model, tokenizer, records, e.conditions, e.max_new_tokens, e.batch_size)
+    print(f"exact-match accuracy of {model_dir} on {len(records)} held-out prompts of {e.prompts} "
+          f"(greedy, {time.perf_counter() - started:.0f} s):")
+    print(format_eval_table(results))
+    out_path = os.path.join(recipe.train.output_dir, "eval.json")
+    os.makedirs(recipe.train.output_dir, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump({"model": model_dir, "prompts": e.prompts, "results": results}, f, indent=2)
+    print(f"written: {out_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chat
+# --------------------------------------------------------------------------------------------------------------
+
+
+def chat_main(argv: list[str]) -> int:
+    """``crlft chat EXPORT_DIR [--condition C] [--system S] [--prompt P]``: talk to an exported model."""
+    parser = argparse.ArgumentParser(
+        prog="crlft chat",
+        description="Chat with an exported model through its own chat template. Interactive by default "
+                    "(/reset clears the history, /exit or Ctrl-D quits); --prompt answers once and exits.")
+    parser.add_argument("model_dir", help="an export directory, e.g. runs/demo/export/final")
+    parser.add_argument("--condition", default=None,
+                        help="class condition for OpenChat templates (default: the template's, e.g. 'GPT4 Correct'; "
+                             "'Code' for coding mode; '' for plain 'User:')")
+    parser.add_argument("--system", default="", help="system message")
+    parser.add_argument("--prompt", default=None, help="one message: print the answer and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--show-prompt", action="store_true", help="print the rendered prompt before each answer")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load_export(args.model_dir)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        ids = prompt_ids(tokenizer, history, args.condition)
+        if args.show_prompt:
+            print(f"[prompt] {tokenizer.decode(ids)!r}", file=sys.stderr)
+        reply = generate_batch(model, tokenizer, [ids], args.max_new_tokens, args.temperature)[0]
+        history.append({"role": "assistant", "content": reply})
+        return reply
+
+    if args.prompt is not None:
+        print(answer(args.prompt))
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"crlft chat with {args.model_dir} (condition {args.condition!r}); /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            del history[1 if args.system else 0:]
+            continue
+        if text.strip():
+            print(("bot> " if interactive else "") + answer(text), flush=True)

@@ -1,0 +1,427 @@
+"""The C-RLFT loss: reward-weighted, class-conditioned cross-entropy over packed rows, normalised per global step.
+
+What is computed
+    For every supervised target ``t`` of a packed row (``loss_weights[t] != 0``; the weights are already shifted
+    so ``loss_weights[t]`` weighs predicting ``labels[t]`` from position ``t``)::
+
+        L = Σ_t w_t · CE(logits_t, label_t) / D
+
+    where both the sum and the denominator ``D`` run over the *whole optimizer step*: every rank and every
+    micro-batch of gradient accumulation. The loss, and therefore the update, is the same whatever the world
+    size or the accumulation (1 rank × 8 micro-batches = 8 ranks × 1 micro-batch).
+
+The two normalisations (``train.loss_normalization``)
+    ``weight_sum`` (default, OpenChat's): ``D = Σ_t w_t`` over the step. The loss is a weighted *mean*, so the
+        step size does not depend on how much data of which class the step happens to hold. A class's weight only
+        matters *relative to the other classes in the same step*: a step that holds only sub-optimal data
+        (reward 0.1) gets exactly the same update as if its reward were 1.0, because the 0.1 cancels between the
+        numerator and the denominator. With OpenChat's large steps (hundreds of conversations of every class
+        per step) that almost never happens; with small steps or class-sorted data it does.
+    ``num_tokens``: ``D`` = number of supervised targets in the step. The loss is a weighted *sum* per token, so
+        a token of reward 0.1 always pulls 10x less than a token of reward 1.0, even in a step where it is alone;
+        the price is that the effective step size moves with the step's class mix.
+
+Never per micro-batch
+    Dividing each micro-batch (or each rank's row) by its own ``Σ w`` would cancel the class weights inside every
+    row that holds one class only, and weigh the tokens of short rows more than those of long ones; the test
+    ``test_per_micro_batch_normalisation_differs`` shows the difference. So the trainer passes the global ``D``
+    (known up front from the packing plan, no communication) to :func:`loss_scale_for_backward`.
+
+Memory
+    A 77,824-token row with Mistral's 32,002-token vocabulary would need 10 GB for one fp32 copy of its logits,
+    and a naive cross-entropy keeps several such copies alive for the backward. :func:`chunked_weighted_cross_entropy`
+    instead selects the supervised positions first (prompt tokens need no logits), then runs ``lm_head`` and the
+    fp32 cross-entropy chunk by chunk under activation checkpointing: the forward keeps only the chunk's inputs,
+    the backward recomputes one chunk's logits at a time. Peak extra memory is a few (3 to 5) fp32 copies of one
+    chunk's logits, ``chunk_tokens · vocab · 4`` bytes each (logits, log-softmax, their gradients), instead of that
+    times ``T / chunk_tokens``. (A fused linear-cross-entropy kernel would save the rest; none is a dependency.)
+
+Metrics
+    :func:`per_condition_sums` turns a row's per-token CE, correctness and weights into one tensor of sums per
+    condition (the packed row's ``segment_conditions`` and ``cu_seqlens`` say which token belongs to which
+    conversation); the trainer all-reduces it with SUM and :func:`step_metrics` turns it into the logged
+    numbers: the loss, the weighted token accuracy, and per condition the loss, accuracy and token count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crlft.errors import UserError
+
+IGNORE_INDEX = -100
+
+# 4096 supervised targets x 32,002 vocabulary x 4 bytes = 0.5 GB per fp32 copy of a chunk's logits; about three
+# copies live at once in the backward (logits, log-softmax, gradient). Small enough next to a 7B model's
+# activations, large enough that the lm_head matmul stays efficient on a GPU.
+DEFAULT_CHUNK_TOKENS = 4096
+
+LossNormalization = Literal["weight_sum", "num_tokens"]
+
+
+class LossParts(NamedTuple):
+    """The loss of one packed row, before global normalisation.
+
+    A named tuple rather than a dataclass so that DeepSpeed ZeRO-3, which hooks the tensors a module returns,
+    can see the tensors inside it (it understands tuples, lists and dicts).
+
+    Attributes:
+        weighted_ce_sum: differentiable fp32 scalar ``Σ_t w_t · CE_t`` over the row's supervised targets.
+        ce: detached fp32 ``[T]`` cross-entropy per position (0 where the weight is 0), for logging.
+        correct: detached bool ``[T]``, True where argmax(logits) equals the label (False where the weight is 0).
+        weights: detached fp32 ``[T]`` loss weights of the row (as given).
+        supervised: detached bool ``[T]``, True where the weight is not 0.
+    """
+
+    weighted_ce_sum: torch.Tensor
+    ce: torch.Tensor
+    correct: torch.Tensor
+    weights: torch.Tensor
+    supervised: torch.Tensor
+
+
+def _chunk_loss(
+    hidden_chunk: torch.Tensor, labels_chunk: torch.Tensor, weights_chunk: torch.Tensor, lm_head: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted CE sum, per-token CE and correctness of one chunk; recomputed in the backward by checkpoint()."""
+    # The module call (not F.linear on lm_head.weight) lets DeepSpeed ZeRO-3's hooks gather the sharded weight.
+    logits = lm_head(hidden_chunk).float()  # [C, V]: the only full-vocabulary tensor, one chunk at a time
+    ce = F.cross_entropy(logits, labels_chunk, reduction="none")
+    correct = logits.detach().argmax(dim=-1) == labels_chunk
+    return (ce * weights_chunk).sum(), ce, correct
+
+
+def chunked_weighted_cross_entropy(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    loss_weights: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    num_chunks: int | None = None,
+) -> LossParts:
+    """Weighted cross-entropy of one packed row without materialising its full ``[T, vocab]`` logits.
+
+    Args:
+        hidden_states: ``[T, H]`` (or ``[1, T, H]``) final hidden states of the row (after the final norm).
+        lm_head: the output projection module (called per chunk, so ZeRO-3 hooks gather its weight).
+        labels: ``[T]`` (or ``[1, T]``) target ids, already shifted; ``-100`` where not supervised.
+        loss_weights: ``[T]`` (or ``[1, T]``) shifted loss weights; only positions with a weight ≠ 0 get logits.
+        chunk_tokens: supervised targets per chunk; bounds the memory of the logits (see the module docstring).
+        num_chunks: if given, split the supervised targets into exactly this many chunks (some may be empty)
+            instead, so ``lm_head`` is called the same number of times on every rank whatever its row holds.
+            Needed under ZeRO-3, where every call of ``lm_head`` all-gathers its weight: ranks calling it a
+            different number of times would hang. Use :func:`num_chunks_for` to choose it.
+
+    Returns:
+        A :class:`LossParts` whose ``weighted_ce_sum`` is ``Σ w_t · CE_t`` accumulated in fp32.
+
+    Raises:
+        ValueError: on mismatched shapes, a non-positive ``chunk_tokens``/``num_chunks``, or a weighted target
+            whose label is ``-100`` (the packer never produces one; its weight would be silently lost otherwise).
+    """
+    if chunk_tokens < 1 or (num_chunks is not None and num_chunks < 1):
+        raise ValueError(f"chunk_tokens and num_chunks must be ≥ 1, got {chunk_tokens} and {num_chunks}")
+    if hidden_states.dim() == 3:
+        if hidden_states.shape[0] != 1:
+            raise ValueError(f"expected one packed row, got hidden states of shape {tuple(hidden_states.shape)}")
+        hidden_states = hidden_states[0]
+    labels = labels.reshape(-1)
+    loss_weights = loss_weights.reshape(-1)
+    num_positions = hidden_states.shape[0]
+    if labels.shape[0] != num_positions or loss_weights.shape[0] != num_positions:
+        raise ValueError(
+            f"hidden states have {num_positions} positions, labels {labels.shape[0]}, loss_weights "
+            f"{loss_weights.shape[0]}"
+        )
+    weights = loss_weights.detach().float()
+    supervised = weights != 0
+    positions = supervised.nonzero().squeeze(-1)
+    num_supervised = positions.numel()
+    if num_supervised and bool((labels.index_select(0, positions) == IGNORE_INDEX).any()):
+        raise ValueError("a position has a non-zero loss weight but label -100; labels and weights disagree")
+
+    if num_chunks is None:
+        # At least one (possibly empty) chunk: lm_head then takes part in every rank's backward, so its gradient
+        # exists (as zeros) even on a rank whose row has nothing supervised.
+        num_chunks = max(1, math.ceil(num_supervised / chunk_tokens))
+    chunk_size = max(1, math.ceil(num_supervised / num_chunks))
+
+    ce = torch.zeros(num_positions, dtype=torch.float32, device=hidden_states.device)
+    correct = torch.zeros(num_positions, dtype=torch.bool, device=hidden_states.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
+    for k in range(num_chunks):
+        idx = positions[k * chunk_size : (k + 1) * chunk_size]
+        # index_select keeps the graph: its backward scatters the gradient into the selected rows only.
+        hidden_chunk = hidden_states.index_select(0, idx)
+        weighted_sum, chunk_ce, chunk_correct = checkpoint(
+            _chunk_loss,
+            hidden_chunk,
+            labels.index_select(0, idx),
+            weights.index_select(0, idx),
+            lm_head,
+            use_reentrant=False,
+        )
+        total = total + weighted_sum
+        ce.index_copy_(0, idx, chunk_ce.detach())
+        correct.index_copy_(0, idx, chunk_correct)
+    return LossParts(weighted_ce_sum=total, ce=ce, correct=correct, weights=weights, supervised=supervised)
+
+
+def num_chunks_for(max_row_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """A fixed chunk count for rows of at most ``max_row_tokens`` positions (for ``num_chunks`` under ZeRO-3).
+
+    With it no chunk holds more than ``chunk_tokens`` targets, whatever the row, and every rank makes the same
+    number of ``lm_head`` calls.
+    """
+    return max(1, math.ceil(max_row_tokens / chunk_tokens))
+
+
+def causal_lm_loss_parts(
+    model: nn.Module,
+    row: dict[str, Any],
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    num_chunks: int | None = None,
+    **forward_kwargs: Any,
+) -> LossParts:
+    """Runs a Hugging Face causal LM's decoder on a packed row and the chunked weighted CE on its output.
+
+    The decoder (``model.get_decoder()``, e.g. ``MistralModel``) gives the final hidden states; the full
+    ``model.forward`` is not used because it would compute logits for every position at once.
+
+    Args:
+        model: a ``PreTrainedModel`` for causal LM (not the DeepSpeed engine: pass ``engine.module``, or wrap
+            the model in :class:`WeightedLossModel` and give that to DeepSpeed).
+        row: a packed row (``input_ids``, ``position_ids``, ``labels``, ``loss_weights``, each ``[1, T]``) on the
+            model's device.
+        chunk_tokens: see :func:`chunked_weighted_cross_entropy`.
+        num_chunks: see :func:`chunked_weighted_cross_entropy` (set it under ZeRO-3).
+        **forward_kwargs: passed to the decoder, e.g. ``crlft.packing.flash_attention_kwargs(row)``.
+
+    Returns:
+        The row's :class:`LossParts`.
+    """
+    decoder = model.get_decoder()
+    # No attention_mask and no cache: transformers then reads the packed segments from position_ids.
+    outputs = decoder(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False, **forward_kwargs)
+    return chunked_weighted_cross_entropy(
+        outputs.last_hidden_state,
+        model.get_output_embeddings(),
+        row["labels"],
+        row["loss_weights"],
+        chunk_tokens=chunk_tokens,
+        num_chunks=num_chunks,
+    )
+
+
+class WeightedLossModel(nn.Module):
+    """Wraps a causal LM so that one ``forward(row)`` returns the row's :class:`LossParts`.
+
+    Give this wrapper (not the bare model) to ``deepspeed.initialize``: DeepSpeed ZeRO-3 hooks the *root* module's
+    forward to order its parameter prefetching, and a forward that calls the decoder and ``lm_head`` separately
+    would bypass that. The Hugging Face model stays reachable as ``.model`` (for ``save_pretrained``).
+
+    Args:
+        model: the causal LM.
+        chunk_tokens: see :func:`chunked_weighted_cross_entropy`.
+        num_chunks: see :func:`chunked_weighted_cross_entropy`; set it (``num_chunks_for(max row length)``) under
+            ZeRO-3.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, num_chunks: int | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.num_chunks = num_chunks
+
+    def forward(self, row: dict[str, Any], **forward_kwargs: Any) -> LossParts:
+        """Loss parts of one packed row; see :func:`causal_lm_loss_parts`."""
+        return causal_lm_loss_parts(self.model, row, self.chunk_tokens, self.num_chunks, **forward_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Global normalisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def global_denominator(global_weight_sum: float, global_num_supervised_tokens: int, mode: LossNormalization) -> float:
+    """The step's loss denominator ``D`` for ``train.loss_normalization``.
+
+    Args:
+        global_weight_sum: ``Σ w`` over all ranks and micro-batches of the step (``PackedStep.global_weight_sum``).
+        global_num_supervised_tokens: supervised targets in the step, all ranks
+            (``PackedStep.global_num_supervised_tokens``).
+        mode: ``"weight_sum"`` or ``"num_tokens"``.
+
+    Returns:
+        ``D`` (0.0 for a step with nothing to learn).
+    """
+    if mode == "weight_sum":
+        return float(global_weight_sum)
+    if mode == "num_tokens":
+        return float(global_num_supervised_tokens)
+    raise UserError(f"train.loss_normalization must be 'weight_sum' or 'num_tokens', got {mode!r}")
+
+
+def loss_scale_for_backward(global_denominator: float, world_size: int, grad_accum: int) -> float:
+    """Factor to multiply a row's ``weighted_ce_sum`` by before ``engine.backward``.
+
+    Derivation. Let ``ℓ_{r,a} = Σ_{t in row (r, a)} w_t · CE_t`` be the weighted sum of rank ``r``'s micro-batch
+    ``a`` (``W`` ranks, ``A`` micro-batches), and ``s`` the factor returned here. The trainer calls
+    ``engine.backward(s · ℓ_{r,a})``. DeepSpeed divides the loss by ``gradient_accumulation_steps = A`` before the
+    backward, so rank ``r`` accumulates ``(s / A) · Σ_a ∇ℓ_{r,a}``; its data-parallel reduction then *averages*
+    over the ``W`` ranks. The gradient the optimizer sees is therefore::
+
+        (s / (A · W)) · Σ_r Σ_a ∇ℓ_{r,a} = (s / (A · W)) · ∇ Σ_global w · CE
+
+    and we want ``∇ (Σ_global w · CE / D)``, so ``s = A · W / D``. (DeepSpeed's ``gradient_predivide_factor`` only
+    moves the division by ``W`` before or after the all-reduce; the result is the same.)
+
+    Args:
+        global_denominator: ``D`` from :func:`global_denominator`.
+        world_size: data-parallel ranks ``W``.
+        grad_accum: micro-batches per rank per step ``A`` (DeepSpeed's ``gradient_accumulation_steps``).
+
+    Returns:
+        ``s``; 0.0 when ``D`` is 0 (no supervised target in the whole step: backward still runs on every rank,
+        so collectives stay in step, but the gradient is zero).
+    """
+    if world_size < 1 or grad_accum < 1:
+        raise ValueError(f"world_size and grad_accum must be ≥ 1, got {world_size} and {grad_accum}")
+    if not math.isfinite(global_denominator) or global_denominator < 0:
+        raise ValueError(f"the loss denominator must be a finite number ≥ 0, got {global_denominator}")
+    if global_denominator == 0:
+        return 0.0
+    return world_size * grad_accum / global_denominator
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+# Columns of the per-condition sums tensor.
+SUM_FIELDS = ("weighted_ce_sum", "weight_sum", "num_tokens", "ce_sum", "num_correct", "weighted_correct")
+_FIELD = {name: i for i, name in enumerate(SUM_FIELDS)}
+
+
+def token_segments(cu_seqlens: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Segment (conversation) index of every position of a packed row, from its ``cu_seqlens``.
+
+    Positions at or past ``cu_seqlens[-1]`` get the index ``len(cu_seqlens) - 1`` (one past the last segment).
+    """
+    boundaries = cu_seqlens.to(dtype=torch.long).reshape(-1)[1:]
+    positions = torch.arange(num_positions, device=boundaries.device)
+    return torch.bucketize(positions, boundaries, right=True)
+
+
+def per_condition_sums(
+    parts: LossParts,
+    cu_seqlens: torch.Tensor,
+    segment_conditions: Sequence[str],
+    conditions: Sequence[str],
+) -> torch.Tensor:
+    """Per-condition sums of one row, to be summed over micro-batches and all-reduced (SUM) by the trainer.
+
+    Args:
+        parts: the row's :class:`LossParts`.
+        cu_seqlens: ``[num_segments + 1]`` segment boundaries of the row (a trailing padding segment is allowed).
+        segment_conditions: condition name of each real conversation, in row order (the packed row's
+            ``segment_conditions``; shorter than the segments when the row ends with padding).
+        conditions: the ordered list of all condition names (the same on every rank, e.g. sorted from the
+            prepared dataset), which fixes the tensor's rows.
+
+    Returns:
+        float64 ``[len(conditions), len(SUM_FIELDS)]`` on the row's device; columns as :data:`SUM_FIELDS`.
+
+    Raises:
+        ValueError: on a condition missing from ``conditions``, or weight on a position outside every real
+            conversation (padding must carry no weight).
+    """
+    device = parts.ce.device
+    num_positions = parts.ce.shape[0]
+    index_of = {c: i for i, c in enumerate(conditions)}
+    missing = sorted({c for c in segment_conditions if c not in index_of})
+    if missing:
+        raise ValueError(f"condition(s) {missing} not in the list of conditions {list(conditions)}")
+    segments = token_segments(cu_seqlens.to(device), num_positions)
+    num_real = len(segment_conditions)
+    outside = segments >= num_real
+    if bool(parts.supervised[outside].any()):
+        raise ValueError("a position outside the row's conversations (padding) has a non-zero loss weight")
+    segment_to_condition = torch.tensor(
+        [index_of[c] for c in segment_conditions] + [0], dtype=torch.long, device=device
+    )  # the extra entry absorbs padding positions, whose contributions are all zero
+    condition_of_token = segment_to_condition[segments.clamp(max=num_real)]
+
+    w = parts.weights.double()
+    sup = parts.supervised.double()
+    ok = (parts.correct & parts.supervised).double()
+    ce = parts.ce.double()
+    columns = torch.stack([w * ce, w, sup, ce * sup, ok, w * ok], dim=1)  # order of SUM_FIELDS
+    sums = torch.zeros(len(conditions), len(SUM_FIELDS), dtype=torch.float64, device=device)
+    sums.index_add_(0, condition_of_token, columns)
+    return sums
+
+
+def step_metrics(sums: torch.Tensor, conditions: Sequence[str], denominator: float) -> dict[str, float]:
+    """The logged numbers of one step from its all-reduced per-condition sums.
+
+    Args:
+        sums: ``[len(conditions), len(SUM_FIELDS)]`` summed over every row of the step on every rank.
+        conditions: the condition names of the rows of ``sums``.
+        denominator: the step's ``D`` (see :func:`global_denominator`).
+
+    Returns:
+        ``loss`` (the optimised ``Σ w·CE / D``), ``weighted_accuracy`` (``Σ w·correct / Σ w``), ``accuracy``,
+        ``ce`` (unweighted mean CE per supervised token), ``supervised_tokens``, ``weight_sum``, and per condition
+        ``loss/<c>`` (``Σ w·CE / Σ w`` within the condition), ``ce/<c>``, ``accuracy/<c>``, ``tokens/<c>``.
+        Conditions without tokens in the step are left out.
+    """
+    s = sums.double().cpu()
+    total = s.sum(dim=0)
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+        return float(num / den) if float(den) != 0 else float("nan")
+
+    f = _FIELD
+    metrics: dict[str, float] = {
+        "loss": float(total[f["weighted_ce_sum"]]) / denominator if denominator else float("nan"),
+        "weighted_accuracy": ratio(total[f["weighted_correct"]], total[f["weight_sum"]]),
+        "accuracy": ratio(total[f["num_correct"]], total[f["num_tokens"]]),
+        "ce": ratio(total[f["ce_sum"]], total[f["num_tokens"]]),
+        "supervised_tokens": float(total[f["num_tokens"]]),
+        "weight_sum": float(total[f["weight_sum"]]),
+    }
+    for i, condition in enumerate(conditions):
+        row = s[i]
+        if float(row[f["num_tokens"]]) == 0:
+            continue
+        name = condition or "<none>"
+        metrics[f"loss/{name}"] = ratio(row[f["weighted_ce_sum"]], row[f["weight_sum"]])
+        metrics[f"ce/{name}"] = ratio(row[f["ce_sum"]], row[f["num_tokens"]])
+        metrics[f"accuracy/{name}"] = ratio(row[f["num_correct"]], row[f["num_tokens"]])
+        metrics[f"tokens/{name}"] = float(row[f["num_tokens"]])
+    return metrics
+
+
+__all__ = [
+    "DEFAULT_CHUNK_TOKENS",
+    "IGNORE_INDEX",
+    "SUM_FIELDS",
+    "LossParts",
+    "WeightedLossModel",
+    "causal_lm_loss_parts",
+    "chunked_weighted_cross_entropy",
+    "global_denominator",
+    "loss_scale_for_backward",
+    "num_chunks_for",
+    "per_condition_sums",
+    "step_metrics",
+    "token_segments",
+]

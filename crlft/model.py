@@ -1,0 +1,356 @@
+"""Loading the model to train: weights, the template's special tokens, embedding init, attention backend.
+
+* :func:`load_model` loads the recipe's base model with ``AutoModelForCausalLM`` in the recipe's dtype, picks the
+  attention kernel (:func:`choose_attn_implementation`), grows the embeddings to the tokenizer (which already
+  holds the template's special tokens, see ``crlft.templates.load_tokenizer``) and enables gradient
+  checkpointing when asked.
+* New embedding rows (input embeddings and an untied ``lm_head``) are set to the *mean* of the existing rows,
+  computed in fp32. transformers' ``resize_token_embeddings(mean_resizing=True)`` instead samples them from a
+  normal distribution around that mean (with 1e-9 x the covariance); we want the mean itself, so that the new
+  tokens start exactly at the centre of the existing ones (logit of a new token = the mean logit), reproducibly.
+* :func:`create_from_scratch` writes a randomly initialised Mistral with the template's offline tokenizer (the
+  demo recipe's ``model.create_if_missing``), and :func:`ensure_base_model` calls it when the base directory is
+  missing.
+
+crlft never downloads: a ``model.base`` that is neither a local directory nor in the Hugging Face cache is a
+``UserError`` that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from crlft.config import Recipe
+from crlft.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the base model is
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(base: str, where: str = "model.base") -> str:
+    """The local directory holding ``base``'s files: the directory itself, or its Hugging Face cache snapshot.
+
+    Args:
+        base: a local directory or a hub id.
+        where: the recipe location for error messages (e.g. ``recipe.yaml:3 (model.base)``).
+
+    Returns:
+        A directory that contains ``config.json``.
+
+    Raises:
+        UserError: a missing directory, a directory without ``config.json``, or a hub id that is not cached
+            (crlft never downloads).
+    """
+    if not base:
+        raise UserError(f"{where}: is empty")
+    expanded = os.path.expanduser(base)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise UserError(f"{where}: {expanded} has no config.json (not a Hugging Face model directory)")
+        return expanded
+    # A hub id is "name" or "org/name"; anything else that is not a directory is a local path that is missing.
+    if expanded.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:
+        raise UserError(f"{where}: directory not found: {expanded}")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base, "config.json")
+    if isinstance(cached, str) and os.path.isfile(cached):
+        return os.path.dirname(cached)
+    raise UserError(
+        f"{where}: {base!r} is not a local directory and not in the Hugging Face cache; crlft never downloads. "
+        f"Download it first (`huggingface-cli download {base}`, or `hf download {base}`) or point model.base at "
+        "a local directory."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_device() -> torch.device:
+    """The device this rank trains on: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def choose_attn_implementation(
+    requested: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """Resolves ``model.attn_implementation`` and logs the choice.
+
+    The decision itself lives in ``crlft.attention`` (it knows which kernels keep packed conversations apart
+    without a dense mask): ``auto`` gives ``flash_attention_2`` when flash-attn is installed and CUDA runs in half
+    precision, else PyTorch's own varlen kernel, and on a CPU ``crlft_varlen`` (SDPA per packed conversation).
+    An explicit kernel that cannot run here is a ``UserError``.
+
+    Args:
+        requested: ``auto`` or a backend name.
+        device: where the model will run; default :func:`training_device`.
+        dtype: the model's compute dtype.
+
+    Returns:
+        The name to load the model with (``attn_implementation=``).
+    """
+    from crlft import attention
+
+    return attention.choose_attn_implementation(requested, device or training_device(), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _set_new_rows_to_mean(weight: torch.Tensor, old_num_rows: int) -> None:
+    """Rows ``old_num_rows:`` of a ``[vocab, hidden]`` weight := the fp32 mean of rows ``:old_num_rows``."""
+    with torch.no_grad():
+        mean = weight[:old_num_rows].float().mean(dim=0)
+        weight[old_num_rows:] = mean.to(weight.dtype)
+
+
+def resize_embeddings_with_mean(model: nn.Module, num_tokens: int) -> int:
+    """Grows the input embeddings (and an untied output embedding) to ``num_tokens`` rows, new rows = mean.
+
+    Never shrinks: a model whose embedding already has at least ``num_tokens`` rows (e.g. a vocabulary padded to
+    a multiple of 64) is left as it is.
+
+    Args:
+        model: a ``PreTrainedModel``.
+        num_tokens: the tokenizer's length.
+
+    Returns:
+        The number of rows added (0 if none).
+    """
+    old_num_rows = model.get_input_embeddings().weight.shape[0]
+    if num_tokens <= old_num_rows:
+        return 0
+    # mean_resizing=False: transformers initialises the new rows randomly (its normal init), we overwrite them.
+    model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    input_weight = model.get_input_embeddings().weight
+    _set_new_rows_to_mean(input_weight, old_num_rows)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not input_weight:
+        _set_new_rows_to_mean(output.weight, old_num_rows)
+        if getattr(output, "bias", None) is not None:
+            with torch.no_grad():
+                output.bias[old_num_rows:] = output.bias[:old_num_rows].float().mean().to(output.bias.dtype)
+    added = num_tokens - old_num_rows
+    logger.info(f"embeddings: {old_num_rows} → {num_tokens} rows; the {added} new rows are the mean of the old ones")
+    return added
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turns on activation (gradient) checkpointing of every decoder layer, non-reentrant.
+
+    Non-reentrant checkpointing works with inputs that do not require grad and with ZeRO-3's parameter hooks.
+    transformers 5.x calls it ``activation_checkpointing_enable`` (the old name warns); older versions only have
+    ``gradient_checkpointing_enable``.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (any transformers version)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_dtype(recipe: Recipe) -> torch.dtype:
+    """The training dtype of the recipe's ``model.dtype``.
+
+    Raises:
+        UserError: bf16 on a CUDA GPU without bf16 support (e.g. V100): set ``model.dtype: float32``.
+    """
+    dtype = DTYPES[recipe.model.dtype]
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"{recipe.where('model', 'dtype')}: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 support; "
+            "set model.dtype=float32"
+        )
+    return dtype
+
+
+def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None = None):
+    """Loads the recipe's base model ready to train with ``tokenizer``.
+
+    Creates the base first when ``model.create_if_missing`` asks for it (:func:`ensure_base_model`).
+
+    Args:
+        recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
+            ``model.gradient_checkpointing``).
+        tokenizer: the tokenizer from ``crlft.templates.load_tokenizer`` (holds the template's special tokens).
+        device: where the model will train, for the attention choice; default :func:`training_device`. The model
+            itself is returned on the CPU (DeepSpeed moves it).
+
+    Returns:
+        The ``PreTrainedModel``, in train mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
+
+    Raises:
+        UserError: a base that is missing or not cached, or settings this machine cannot run.
+    """
+    from transformers import AutoModelForCausalLM
+
+    ensure_base_model(recipe)
+    where = recipe.where("model", "base")
+    model_dir = resolve_model_dir(recipe.model.base, where)
+    dtype = model_dtype(recipe)
+    attn = choose_attn_implementation(recipe.model.attn_implementation, device, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=attn, local_files_only=True
+    )
+    # Packed rows are attended correctly only without a cache; training never needs one.
+    model.config.use_cache = False
+    resize_embeddings_with_mean(model, len(tokenizer))
+    # The template's pad token, and generation that stops at its end-of-turn token (the tokenizer's eos).
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and tokenizer.eos_token_id is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if recipe.model.gradient_checkpointing:
+        # Non-reentrant: works with inputs that do not require grad and with ZeRO-3's parameter hooks.
+        enable_gradient_checkpointing(model)
+    model.train()
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        f"model: {model_dir} ({model.config.model_type}), {num_params / 1e9:.2f}B parameters, {dtype}, "
+        f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
+    )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model from scratch (the demo)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def create_from_scratch(out_dir: str, mistral_config_kwargs: dict[str, Any], template_name: str, seed: int = 0):
+    """Writes a randomly initialised ``MistralForCausalLM`` with the template's tokenizer as an HF directory.
+
+    The tokenizer is built offline (``crlft.templates.build_tokenizer``); the vocabulary is ``len(tokenizer)``.
+    The directory is written next to its final place and renamed into it, so a crash leaves no half-written
+    model, and two ranks creating it at once both end with the same complete directory.
+
+    Args:
+        out_dir: the directory to create (must not exist, or be empty).
+        mistral_config_kwargs: ``MistralConfig`` fields (``hidden_size``, ``num_hidden_layers``, ...).
+            ``vocab_size`` may be given only if at least ``len(tokenizer)`` (a padded vocabulary).
+        template_name: a template whose tokenizer can be built offline (e.g. ``openchat_3.5``).
+        seed: seed of the random initialisation (the same seed gives the same weights).
+
+    Returns:
+        The model (on the CPU, fp32).
+
+    Raises:
+        UserError: unknown config fields, a too-small ``vocab_size``, a template without an offline tokenizer,
+            or a non-empty ``out_dir``.
+    """
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from crlft.templates import build_tokenizer
+
+    out_dir = os.path.expanduser(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not empty; not overwriting it with a new random model")
+    kwargs = dict(mistral_config_kwargs or {})
+    known = set(MistralConfig().to_dict())
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"model.create_if_missing: unknown MistralConfig field(s) {unknown}")
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".crlft-create-", dir=parent)
+    try:
+        try:
+            tokenizer = build_tokenizer(template_name, tmp_dir)
+        except ValueError as error:
+            raise UserError(f"model.create_if_missing: {error}") from None
+        vocab_size = kwargs.pop("vocab_size", None) or len(tokenizer)
+        if vocab_size < len(tokenizer):
+            raise UserError(
+                f"model.create_if_missing.vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+            )
+        eot_id = tokenizer.eos_token_id  # the template's end-of-turn token (load_tokenizer sets eos to it)
+        config = MistralConfig(
+            vocab_size=vocab_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=eot_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MistralForCausalLM(config)
+        model.generation_config.eos_token_id = eot_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp_dir)
+        try:
+            os.rename(tmp_dir, out_dir)  # atomic; replaces an empty directory
+        except OSError:
+            # Another process (rank) created it first, from the same seed: keep theirs.
+            if not os.path.isfile(os.path.join(out_dir, "config.json")):
+                raise
+    finally:
+        if os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"created a random Mistral ({num_params / 1e6:.1f}M parameters, vocab {vocab_size}) in {out_dir}")
+    return model
+
+
+def ensure_base_model(recipe: Recipe) -> bool:
+    """Creates ``model.base`` from ``model.create_if_missing`` when that is set and the directory does not exist.
+
+    Args:
+        recipe: the recipe.
+
+    Returns:
+        True if a model was created.
+    """
+    spec = recipe.model.create_if_missing
+    base = os.path.expanduser(recipe.model.base)
+    if spec is None or os.path.isfile(os.path.join(base, "config.json")):
+        return False
+    create_from_scratch(base, spec, recipe.model.template, seed=recipe.train.seed)
+    return True
+
+
+__all__ = [
+    "DTYPES",
+    "choose_attn_implementation",
+    "create_from_scratch",
+    "enable_gradient_checkpointing",
+    "ensure_base_model",
+    "is_gradient_checkpointing",
+    "load_model",
+    "model_dtype",
+    "resize_embeddings_with_mean",
+    "resolve_model_dir",
+    "training_device",
+]

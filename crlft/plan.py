@@ -1,0 +1,550 @@
+"""``crlft plan RECIPE.yaml``: what a run will need, without a GPU and without loading weights.
+
+Prints the parameter count (the model is built on the ``meta`` device from its ``config.json``: no memory, no
+download), the memory per GPU of each ZeRO stage with the recipe's stage marked, the steps per epoch (from the
+packing plan of the prepared dataset) and the learning rate (``train.lr: auto`` resolved with the numbers it
+came from).
+
+The learning-rate rule (:func:`resolve_lr`, also used by the trainer) is OpenChat's ``calculate_auto_lr``: the
+square-root batch-size scaling of LLaMA's pre-training hyper-parameters (3e-4 at 4M tokens per step)::
+
+    lr = base_lr · sqrt(supervised tokens per step / 4,000,000),  base_lr = 3e-4, divided by 6 for Mistral
+    supervised tokens per step = batch_max_len · world_size · grad_accum · supervised_ratio
+
+where ``supervised_ratio`` is the share of the prepared dataset's tokens that carry a loss weight (OpenChat has no
+gradient accumulation; a step of ``grad_accum`` micro-batches holds ``grad_accum`` times the tokens, so it is a
+factor here).
+
+Memory per GPU (bytes; Ψ parameters, N GPUs, b = 2 for bf16 or 4 for fp32, ZeRO paper accounting)::
+
+    weights      b·Ψ      (stage 3: b·Ψ/N; offload_param: 0, they live in CPU memory)
+    gradients    b·Ψ      (stages 2, 3: b·Ψ/N)
+    optimizer    K·Ψ      K = 12 for bf16 (fp32 master copy + Adam m + v), 8 for fp32 (m + v);
+                          (stages 1-3: K·Ψ/N; offload_optimizer: 0, it lives in CPU memory)
+    buffers      stages 1, 2: 4.5 · (reduce_bucket_size + allgather_bucket_size) · b with overlap_comm (DeepSpeed's
+                 documented footprint), else 2 · reduce_bucket_size · b; stage 3: (stage3_max_live_parameters +
+                 reduce_bucket_size) · b
+    activations  for one packed row of T = batch_max_len tokens (see :func:`activation_bytes`)
+
+The activation estimate counts what autograd keeps per token per decoder layer (hidden h, KV width h_kv,
+MLP width I): the fp32 input copy and the output of both RMSNorms (2·(4h + b·h)), q, k, v and the attention output
+(2·b·h + 2·b·h_kv), and the four MLP tensors of width I (4·b·I); with b = 2 that is ``16h + 4h_kv + 8I`` bytes.
+Without checkpointing every layer keeps that: ``L·T·(per layer)``. With checkpointing only each layer's input is
+kept (``L·T·h·b``) plus one layer's worth recomputed in the backward (``T·(per layer)``). The chunked loss adds
+about ``3·chunk_tokens·V·4`` bytes. Real use is within a few GB of this: allocator fragmentation, the CUDA context
+(~1 GB) and kernel workspaces come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from crlft.config import Recipe, deepspeed_config, load_recipe
+from crlft.errors import UserError
+
+# OpenChat's auto learning rate (ochat/training_deepspeed/train.py, calculate_auto_lr): LLaMA's pre-training lr at
+# LLaMA's batch of 4M tokens, scaled by the square root of the batch; Mistral tolerates less.
+AUTO_LR_BASE = 3e-4
+AUTO_LR_BASE_TOKENS = 4_000_000
+AUTO_LR_DIVISORS = {"mistral": 6.0}
+
+DEFAULT_NUM_GPUS = 8
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning rate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def supervised_tokens_per_step(batch_max_len: int, world_size: int, grad_accum: int, supervised_ratio: float) -> float:
+    """OpenChat's estimate of the supervised tokens in one optimizer step (full rows assumed).
+
+    Args:
+        batch_max_len: tokens per packed row.
+        world_size: data-parallel ranks.
+        grad_accum: micro-batches per rank per step.
+        supervised_ratio: share of the dataset's tokens with a non-zero loss weight (:func:`dataset_token_counts`).
+
+    Returns:
+        ``batch_max_len · world_size · grad_accum · supervised_ratio``.
+    """
+    return float(batch_max_len) * world_size * grad_accum * supervised_ratio
+
+
+def resolve_lr(recipe: Recipe, supervised_tokens_per_step: float | None, model_type: str) -> tuple[float, str]:
+    """The peak learning rate: ``train.lr`` if it is a number, else OpenChat's rule (module docstring).
+
+    Args:
+        recipe: the recipe.
+        supervised_tokens_per_step: from :func:`supervised_tokens_per_step` (only needed for ``auto``).
+        model_type: the model's ``config.model_type`` (e.g. ``mistral``; decides the divisor).
+
+    Returns:
+        ``(lr, explanation)``; the explanation names every number the value came from.
+
+    Raises:
+        UserError: ``auto`` without a positive number of supervised tokens per step.
+    """
+    lr = recipe.train.lr
+    if lr != "auto":
+        return float(lr), f"lr {float(lr):.3g} (set in the recipe: {recipe.where('train', 'lr')})"
+    if supervised_tokens_per_step is None or not supervised_tokens_per_step > 0:
+        raise UserError(
+            f"{recipe.where('train', 'lr')}: lr 'auto' needs the supervised tokens per step, from the prepared "
+            f"dataset; got {supervised_tokens_per_step!r} (is the dataset prepared and does it supervise anything?)"
+        )
+    divisor = next((d for key, d in AUTO_LR_DIVISORS.items() if key in model_type.lower()), 1.0)
+    base = AUTO_LR_BASE / divisor
+    value = base * math.sqrt(supervised_tokens_per_step / AUTO_LR_BASE_TOKENS)
+    base_text = f"{AUTO_LR_BASE:g}" + (f" / {divisor:g} ({model_type})" if divisor != 1.0 else f" ({model_type})")
+    why = (
+        f"lr auto = {base_text} · sqrt({supervised_tokens_per_step:,.0f} supervised tokens per step / "
+        f"{AUTO_LR_BASE_TOKENS:,}) = {value:.3g}"
+    )
+    return value, why
+
+
+def dataset_token_counts(dataset: Any) -> tuple[int, int]:
+    """Total tokens and supervised targets of a prepared dataset (one pass over its arrow columns).
+
+    A target is supervised when its (unshifted) weight is non-zero, from each row's second token on: the first
+    token has nothing before it to predict it from (the same count as the packer's shifted weights).
+
+    Args:
+        dataset: a prepared ``datasets.Dataset`` with ``loss_weights`` (list of float) and ``length``.
+
+    Returns:
+        ``(num_tokens, num_supervised)``.
+    """
+    table = dataset.select_columns(["loss_weights"]).with_format("arrow")[:]
+    num_tokens = num_supervised = 0
+    for chunk in table.column("loss_weights").chunks:
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        values = chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        offsets = offsets - offsets[0]
+        nonzero = values != 0
+        starts = offsets[:-1][offsets[:-1] < offsets[1:]]  # first element of each non-empty row
+        num_tokens += int(len(values))
+        num_supervised += int(nonzero.sum()) - int(nonzero[starts].sum())
+    return num_tokens, num_supervised
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model size
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(config: Any) -> int:
+    """Parameters of the causal LM a config describes, built on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+
+
+def _template_tokens(template_name: str) -> list[str]:
+    from crlft.templates import get_template
+
+    t = get_template(template_name)
+    return list(dict.fromkeys((*t.special_tokens, t.eot, t.pad_token)))
+
+
+@dataclass
+class ModelSize:
+    """The model's shape and parameter counts before and after adding the template's tokens."""
+
+    source: str
+    model_type: str
+    config: Any
+    vocab_before: int
+    vocab_after: int
+    params_before: int
+    params_after: int
+    note: str = ""
+
+
+def _local_tokenizer_dir(name: str) -> str | None:
+    """A local directory for a tokenizer name: the directory itself, or its snapshot in the HF cache (no download)."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "tokenizer_config.json")
+    except ValueError:  # not a valid hub id
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def model_size(recipe: Recipe) -> ModelSize:
+    """Parameter counts of the recipe's model, from its ``config.json`` (or ``model.create_if_missing``).
+
+    Raises:
+        UserError: when neither a local/cached config nor ``create_if_missing`` is there.
+    """
+    from transformers import AutoConfig, MistralConfig
+
+    from crlft.model import resolve_model_dir
+
+    m = recipe.model
+    tokens = _template_tokens(m.template)
+    base = os.path.expanduser(m.base)
+    if m.create_if_missing is not None and not os.path.isfile(os.path.join(base, "config.json")):
+        from crlft.templates import make_tokenizer
+
+        spec = dict(m.create_if_missing)
+        vocab = int(spec.pop("vocab_size", None) or len(make_tokenizer(m.template)))
+        config = MistralConfig(vocab_size=vocab, **spec)
+        params = count_parameters(config)
+        return ModelSize(
+            f"model.create_if_missing (to be created in {base})", "mistral", config, vocab, vocab, params, params,
+            "created with the template's tokens already in its vocabulary",
+        )
+
+    model_dir = resolve_model_dir(m.base, recipe.where("model", "base"))
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    vocab_before = int(config.vocab_size)
+    note = ""
+    tokenizer_dir = _local_tokenizer_dir(m.tokenizer) if m.tokenizer else model_dir
+    try:
+        if tokenizer_dir is None:
+            raise OSError(f"{m.tokenizer!r} is not a local directory and not in the Hugging Face cache")
+        from crlft.templates import load_tokenizer
+
+        num_tokens = len(load_tokenizer(tokenizer_dir, m.template))
+        added = max(0, num_tokens - vocab_before)
+        note = f"tokenizer: {num_tokens:,} tokens with the template's {', '.join(tokens)}"
+    except Exception as error:  # any reason is reported in the note, and the plan goes on
+        # A config without tokenizer files (e.g. a plan made from config.json alone): assume the base vocabulary
+        # lacks every template token, which is the case for the bases the templates are written for.
+        added = len(tokens)
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        note = (
+            f"no tokenizer loaded ({reason}); assuming the base vocabulary lacks all {added} template tokens "
+            f"({', '.join(tokens)})"
+        )
+    params_before = count_parameters(config)
+    after = config.__class__.from_dict({**config.to_dict(), "vocab_size": vocab_before + added})
+    params_after = count_parameters(after) if added else params_before
+    return ModelSize(
+        model_dir, config.model_type, config, vocab_before, vocab_before + added, params_before, params_after, note
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def activation_bytes(
+    config: Any, num_tokens: int, gradient_checkpointing: bool, bytes_per_value: int = 2, chunk_tokens: int = 4096
+) -> int:
+    """Activation memory of one packed row of ``num_tokens`` tokens (formula in the module docstring)."""
+    h = int(config.hidden_size)
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // num_heads)
+    h_kv = int(getattr(config, "num_key_value_heads", None) or num_heads) * head_dim
+    intermediate = int(getattr(config, "intermediate_size", 4 * h))
+    b = bytes_per_value
+    per_token_layer = 2 * (4 * h + b * h) + 2 * b * h + 2 * b * h_kv + 4 * b * intermediate
+    if gradient_checkpointing:
+        kept = num_layers * num_tokens * h * b + num_tokens * per_token_layer
+    else:
+        kept = num_layers * num_tokens * per_token_layer
+    loss = 3 * min(chunk_tokens, num_tokens) * int(config.vocab_size) * 4
+    return kept + loss
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU of one ZeRO stage (and per rank in CPU memory when offloading)."""
+
+    zero_stage: int
+    weights: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    activations: float
+    cpu: float = 0.0
+
+    @property
+    def total(self) -> float:
+        """Sum of the GPU parts."""
+        return self.weights + self.gradients + self.optimizer + self.buffers + self.activations
+
+
+def memory_per_gpu(
+    num_params: int,
+    num_gpus: int,
+    zero_stage: int,
+    activations: float,
+    ds_config: dict[str, Any],
+    bf16: bool = True,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> MemoryEstimate:
+    """GPU memory of one rank for a ZeRO stage (formulas in the module docstring).
+
+    Args:
+        num_params: Ψ, parameters being trained.
+        num_gpus: N, data-parallel ranks.
+        zero_stage: 0-3.
+        activations: bytes of activations (:func:`activation_bytes`).
+        ds_config: the DeepSpeed configuration (bucket sizes are read from its ``zero_optimization``).
+        bf16: mixed precision (bf16 weights and gradients, fp32 master copy) or plain fp32.
+        offload_optimizer: optimizer state in CPU memory.
+        offload_param: weights in CPU memory (stage 3 only).
+
+    Returns:
+        A :class:`MemoryEstimate`.
+    """
+    b = 2 if bf16 else 4
+    k = 12 if bf16 else 8
+    psi, n = float(num_params), float(num_gpus)
+    zero = ds_config.get("zero_optimization", {})
+    weights = b * psi / (n if zero_stage >= 3 else 1)
+    gradients = b * psi / (n if zero_stage >= 2 else 1)
+    optimizer = k * psi / (n if zero_stage >= 1 else 1)
+    cpu = 0.0
+    if offload_optimizer and zero_stage >= 1:
+        cpu += optimizer
+        optimizer = 0.0
+    if offload_param and zero_stage >= 3:
+        cpu += weights
+        weights = 0.0
+    reduce_bucket = float(zero.get("reduce_bucket_size", 5e8))
+    allgather_bucket = float(zero.get("allgather_bucket_size", 5e8))
+    if zero_stage in (1, 2):
+        buffers = (4.5 * (reduce_bucket + allgather_bucket) if zero.get("overlap_comm") else 2 * reduce_bucket) * b
+    elif zero_stage == 3:
+        buffers = (float(zero.get("stage3_max_live_parameters", 1e9)) + reduce_bucket) * b
+    else:
+        buffers = 0.0
+    return MemoryEstimate(zero_stage, weights, gradients, optimizer, buffers, float(activations), cpu)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPlan:
+    """What the prepared dataset says about steps and tokens (None fields: not prepared)."""
+
+    prepared: bool
+    message: str = ""
+    num_conversations: int | None = None
+    num_tokens: int | None = None
+    num_supervised: int | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+
+    @property
+    def supervised_ratio(self) -> float | None:
+        """Supervised targets / tokens."""
+        if not self.num_tokens:
+            return None
+        return self.num_supervised / self.num_tokens
+
+
+def data_plan(recipe: Recipe, num_gpus: int) -> DataPlan:
+    """Steps per epoch and token counts from the prepared dataset, or why they are unknown."""
+    from crlft.data import load_prepared
+    from crlft.packing import PackedLoader
+
+    t = recipe.train
+    try:
+        dataset = load_prepared(recipe)
+    except (UserError, OSError, ValueError) as error:
+        return DataPlan(prepared=False, message=str(error))
+    num_tokens, num_supervised = dataset_token_counts(dataset)
+    loader = PackedLoader(
+        dataset,
+        max_tokens=t.batch_max_len,
+        num_ranks=num_gpus,
+        grad_accum=t.grad_accum,
+        seed=t.seed,
+        pad_to_multiple_of=t.pad_to_multiple_of,
+        num_epochs=t.epochs,
+    )
+    steps_per_epoch = loader.steps_per_epoch(0)
+    total_steps = loader.total_steps()
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    return DataPlan(True, "", len(dataset), num_tokens, num_supervised, steps_per_epoch, total_steps)
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:6.1f} GiB"
+
+
+def plan_text(recipe: Recipe, num_gpus: int) -> str:
+    """The report ``crlft plan`` prints."""
+    m, t, ds = recipe.model, recipe.train, recipe.deepspeed
+    lines = [f"crlft plan: {recipe.source_path or 'recipe'} on {num_gpus} GPU(s)", ""]
+
+    # ---- model
+    size: ModelSize | None
+    try:
+        size = model_size(recipe)
+    except UserError as error:
+        size = None
+        lines += ["model", f"  parameter count unknown: {error}", ""]
+    if size is not None:
+        c = size.config
+        lines += [
+            "model",
+            f"  {size.source} ({size.model_type}): {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"vocabulary {size.vocab_before:,}",
+            f"  parameters: {size.params_before:,} ({size.params_before / 1e9:.2f}B) before the template's tokens",
+            f"              {size.params_after:,} ({size.params_after / 1e9:.2f}B) with vocabulary {size.vocab_after:,}"
+            f" (+{size.params_after - size.params_before:,})",
+        ]
+        if size.note:
+            lines.append(f"  {size.note}")
+        lines.append("")
+
+    # ---- memory
+    if size is not None:
+        bf16 = m.dtype == "bfloat16"
+        b = 2 if bf16 else 4
+        ds_config = deepspeed_config(recipe)
+        act = activation_bytes(size.config, t.batch_max_len, m.gradient_checkpointing, b)
+        act_other = activation_bytes(size.config, t.batch_max_len, not m.gradient_checkpointing, b)
+        lines += [
+            f"memory per GPU ({m.dtype}, batch_max_len {t.batch_max_len:,} tokens per micro-batch, "
+            f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; Ψ = {size.params_after:,})",
+            "  stage   weights  gradients  optimizer    buffers  activations      total" + ("        cpu"),
+        ]
+        for stage in range(4):
+            est = memory_per_gpu(
+                size.params_after, num_gpus, stage, act, ds_config, bf16, ds.offload_optimizer,
+                ds.offload_param and stage == 3,
+            )
+            mark = "→" if stage == ds.zero_stage else " "
+            lines.append(
+                f"  {mark} {stage}  {_gib(est.weights)} {_gib(est.gradients)} {_gib(est.optimizer)} "
+                f"{_gib(est.buffers)}   {_gib(est.activations)} {_gib(est.total)} {_gib(est.cpu)}"
+            )
+        lines += [
+            f"  activations with gradient checkpointing {'off' if m.gradient_checkpointing else 'on'} instead: "
+            f"{act_other / GIB:.1f} GiB",
+            "  (formulas: `python -c 'import crlft.plan; help(crlft.plan)'`; add ~1-3 GiB for the CUDA context "
+            "and fragmentation)",
+            "",
+        ]
+
+    # ---- data, steps, learning rate
+    data = data_plan(recipe, num_gpus)
+    lines.append("data")
+    if size is not None:
+        model_type = size.model_type
+    else:  # no config to read: go by the name, and say so
+        model_type = "mistral" if "mistral" in m.base.lower() else "unknown"
+        lines.append(f"  (model type guessed from the name {m.base!r}: {model_type})")
+    if data.prepared:
+        ratio = data.supervised_ratio or 0.0
+        lines += [
+            f"  {data.num_conversations:,} conversations, {data.num_tokens:,} tokens, {data.num_supervised:,} "
+            f"supervised ({ratio:.1%})",
+            f"  steps per epoch: {data.steps_per_epoch:,} (packing plan of epoch 0: {num_gpus} GPU(s) x "
+            f"{t.grad_accum} micro-batch(es) x {t.batch_max_len:,} tokens per step)",
+            f"  total steps: {data.total_steps:,} over {t.epochs} epoch(s)"
+            + (f" (capped by train.max_steps={t.max_steps})" if t.max_steps is not None else ""),
+        ]
+        if data.steps_per_epoch:
+            measured = data.num_supervised / data.steps_per_epoch
+            lines.append(f"  measured supervised tokens per step: {measured:,.0f} on average")
+        per_step = supervised_tokens_per_step(t.batch_max_len, num_gpus, t.grad_accum, ratio)
+        lines += [
+            "",
+            "learning rate",
+            f"  supervised tokens per step = {t.batch_max_len:,} (batch_max_len) x {num_gpus} (GPUs) x {t.grad_accum} "
+            f"(grad_accum) x {ratio:.4f} (supervised ratio) = {per_step:,.0f}",
+        ]
+        try:
+            _, why = resolve_lr(recipe, per_step, model_type)
+            lines.append(f"  {why}")
+        except UserError as error:
+            lines.append(f"  {error}")
+    else:
+        lines += [
+            f"  not prepared: {data.message}",
+            "  steps per epoch and the supervised ratio need the prepared dataset.",
+            "",
+            "learning rate",
+        ]
+        if t.lr == "auto":
+            upper = supervised_tokens_per_step(t.batch_max_len, num_gpus, t.grad_accum, 1.0)
+            lr_upper, why = resolve_lr(recipe, upper, model_type)
+            lines += [
+                "  lr auto depends on the supervised ratio r of the prepared data: "
+                f"lr = {lr_upper:.3g} · sqrt(r)",
+                f"  (at r = 1: {why})",
+            ]
+        else:
+            lines.append(f"  {resolve_lr(recipe, None, model_type)[1]}")
+    lines += [
+        f"  schedule: linear warm-up over {t.lr_warmup_ratio:.0%} of the steps, cosine decay to "
+        f"{t.lr_min_ratio:g} x peak; AdamW betas {t.betas}, weight decay {t.weight_decay:g}",
+    ]
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """``crlft plan RECIPE.yaml [section.key=value ...] [--num_gpus N]``.
+
+    Args:
+        argv: the arguments after ``plan``.
+
+    Returns:
+        The exit status (0).
+    """
+    parser = argparse.ArgumentParser(
+        prog="crlft plan",
+        description="Parameter count, memory per GPU, steps per epoch and learning rate of a recipe (no GPU).",
+    )
+    parser.add_argument("recipe", help="the recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument(
+        "--num_gpus", "--num-gpus", type=int, default=None,
+        help=f"data-parallel GPUs (default: $WORLD_SIZE, else {DEFAULT_NUM_GPUS})",
+    )
+    args = parser.parse_intermixed_args(argv)
+    num_gpus = args.num_gpus or int(os.environ.get("WORLD_SIZE", DEFAULT_NUM_GPUS))
+    if num_gpus < 1:
+        raise UserError(f"--num_gpus must be ≥ 1, got {num_gpus}")
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(plan_text(recipe, num_gpus))
+    return 0
+
+
+__all__ = [
+    "AUTO_LR_BASE",
+    "AUTO_LR_BASE_TOKENS",
+    "DataPlan",
+    "MemoryEstimate",
+    "ModelSize",
+    "activation_bytes",
+    "count_parameters",
+    "data_plan",
+    "dataset_token_counts",
+    "memory_per_gpu",
+    "model_size",
+    "plan_main",
+    "plan_text",
+    "resolve_lr",
+    "supervised_tokens_per_step",
+]

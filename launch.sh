@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Train a recipe on every rank: `crlft prepare` once (it skips when the dataset is up to date), then DeepSpeed.
+#
+#   ./launch.sh [--num_gpus N] [--hostfile H] [other deepspeed launcher options] RECIPE.yaml [section.key=value ...]
+#
+# Examples
+#   ./launch.sh recipes/openchat_3.5.yaml                         all GPUs of this machine
+#   ./launch.sh --num_gpus 4 recipes/openchat_3.5.yaml train.lr=1e-5
+#   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes (shared filesystem for data and runs)
+#
+# Without CUDA, DeepSpeed runs on its CPU accelerator (gloo) with 2 ranks unless --num_gpus says otherwise, so the
+# whole path runs on a laptop. Every option before the recipe goes to the `deepspeed` launcher unchanged; PYTHON
+# picks the interpreter (default: python). The dataset is prepared on this node only: with --hostfile, data.output_dir
+# and train.output_dir must be on a filesystem all nodes share.
+set -euo pipefail
+
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+}
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+# The repository's crlft wins, installed or not; DeepSpeed forwards PYTHONPATH to the other nodes.
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
+
+# DeepSpeed launcher options that take no value (all others take one).
+flag_options=" --module --no_python --no_local_rank --no_ssh --no_ssh_check --force_multi --save_pid \
+--bind_cores_to_rank -q --quiet "
+
+launcher_args=()
+num_gpus=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --num_gpus|--num_accelerators) num_gpus="${2:?$1 needs a value}"; shift 2 ;;
+        --num_gpus=*|--num_accelerators=*) num_gpus="${1#*=}"; shift ;;
+        --*=*) launcher_args+=("$1"); shift ;;
+        -*)
+            if [[ "$flag_options" == *" $1 "* ]]; then
+                launcher_args+=("$1"); shift
+            else
+                launcher_args+=("$1" "${2:?$1 needs a value}"); shift 2
+            fi
+            ;;
+        *) break ;;
+    esac
+done
+if [[ $# -lt 1 ]]; then
+    usage >&2
+    echo "launch.sh: missing RECIPE.yaml" >&2
+    exit 2
+fi
+recipe="$1"
+shift
+overrides=("$@")
+
+if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    :  # GPUs: DeepSpeed uses all of them unless --num_gpus / --include say otherwise
+else
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+    num_gpus="${num_gpus:-2}"
+    # Ranks share the cores: one OpenMP pool each, not one per core each.
+    cores="$(nproc 2>/dev/null || echo 2)"
+    threads=$(( cores / num_gpus ))
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
+    echo "launch.sh: no CUDA; DeepSpeed CPU accelerator with ${num_gpus} ranks, OMP_NUM_THREADS=${OMP_NUM_THREADS}"
+fi
+if [[ -n "$num_gpus" ]]; then
+    launcher_args+=(--num_gpus "$num_gpus")
+fi
+
+"$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
+
+deepspeed_bin="$(dirname "$(command -v "$PYTHON")")/deepspeed"
+if [[ ! -x "$deepspeed_bin" ]]; then
+    deepspeed_bin="deepspeed"
+fi
+exec "$deepspeed_bin" ${launcher_args[@]+"${launcher_args[@]}"} --module crlft.train "$recipe" \
+    ${overrides[@]+"${overrides[@]}"}
