@@ -7,7 +7,9 @@ for the decoder's output) and the same ``lm_head`` (``Linear(H, V)``):
 * **naive**: ``logits = lm_head(h).float()`` (``[T, V]``) then ``F.cross_entropy(..., reduction="none")``,
   weighted and summed: what a trainer that calls ``model(...).logits`` does.
 * **chunked**: ``crlft.loss.chunked_weighted_cross_entropy`` (supervised positions only, ``chunk_tokens`` at a
-  time under activation checkpointing).
+  time), by default on its fused path (each chunk's gradients computed in the forward, so the backward does no
+  matmul); ``--method checkpoint`` measures its fallback path instead (activation checkpointing, which recomputes
+  each chunk's logits in the backward).
 
 Memory is the process's peak resident set size above its size just before the call (``h``, ``lm_head`` and the
 labels already resident; their gradients are allocated inside and count), sampled every 5 ms; time is the wall
@@ -83,7 +85,7 @@ def make_inputs(num_tokens: int, vocab: int, hidden_size: int, supervised_fracti
     return hidden, lm_head, labels, weights
 
 
-def timed_loss(kind: str, inputs, chunk_tokens: int, memory: PeakRSS, phase: str):
+def timed_loss(kind: str, inputs, chunk_tokens: int, memory: PeakRSS, phase: str, method: str = "auto"):
     """One forward + backward of ``kind``; returns (seconds, loss value, gradients)."""
     hidden, lm_head, labels, weights = inputs
     hidden.grad = None
@@ -94,7 +96,9 @@ def timed_loss(kind: str, inputs, chunk_tokens: int, memory: PeakRSS, phase: str
         if kind == "naive":
             loss = naive_loss(hidden, lm_head, labels, weights)
         else:
-            loss = chunked_weighted_cross_entropy(hidden, lm_head, labels, weights, chunk_tokens).weighted_ce_sum
+            loss = chunked_weighted_cross_entropy(
+                hidden, lm_head, labels, weights, chunk_tokens, method=method
+            ).weighted_ce_sum
         loss.backward()
         seconds = time.perf_counter() - started
     return seconds, float(loss.detach()), (hidden.grad, lm_head.weight.grad)
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         "vocab": vocab,
         "hidden_size": args.hidden,
         "chunk_tokens": args.chunk_tokens,
+        "method": args.method,
         "supervised_fraction": args.supervised_fraction,
         "full_tokens": full_tokens,
         "side_by_side_tokens": naive_tokens,
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     values, grads = {}, {}
     for _ in range(args.repeats):
         for kind in ("chunked", "naive"):
-            seconds, value, grad = timed_loss(kind, inputs, args.chunk_tokens, memory, kind)
+            seconds, value, grad = timed_loss(kind, inputs, args.chunk_tokens, memory, kind, args.method)
             best[kind] = min(best[kind], seconds)
             values[kind] = value
             grads[kind] = tuple(g.clone() for g in grad)
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if naive_tokens != full_tokens and not args.skip_full:
         inputs = make_inputs(full_tokens, vocab, args.hidden, args.supervised_fraction, args.seed)
-        seconds, _, _ = timed_loss("chunked", inputs, args.chunk_tokens, memory, "chunked-full")
+        seconds, _, _ = timed_loss("chunked", inputs, args.chunk_tokens, memory, "chunked-full", args.method)
         print(f" chunked at {full_tokens} tokens: {seconds:.2f} s, peak +"
               f"{memory.above_start['chunked-full'] / 2**30:.2f} GiB", flush=True)
         del inputs
@@ -176,8 +181,9 @@ def print_table(results: dict) -> None:
     t, v = results["side_by_side_tokens"], results["vocab"]
     print()
     print(f"weighted CE forward+backward, vocab {v}, hidden {results['hidden_size']}, fp32, chunk "
-          f"{results['chunk_tokens']} tokens, supervised fraction {results['supervised_fraction']}; load "
-          f"{results['machine']['load_average']}, {results['machine']['torch_threads']} threads")
+          f"{results['chunk_tokens']} tokens ({results['method']} method), supervised fraction "
+          f"{results['supervised_fraction']}; load {results['machine']['load_average']}, "
+          f"{results['machine']['torch_threads']} threads")
     print(f"{'version':<10}{'tokens':>8}{'seconds':>10}{'peak above start GiB':>22}")
     for kind, s in results["side_by_side"].items():
         print(f"{kind:<10}{t:>8}{s['seconds']:>10.2f}{s['peak_above_start_gib']:>22.3f}")
@@ -199,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=32002)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
+    parser.add_argument("--method", choices=("auto", "fused", "checkpoint"), default="auto",
+                        help="chunked_weighted_cross_entropy's method (auto: fused for the benchmark's nn.Linear)")
     parser.add_argument("--supervised-fraction", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -132,7 +132,8 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-conversations", type=int, default=100_000)
-    parser.add_argument("--num-proc", type=int, default=None, help="default: the CPU count")
+    parser.add_argument("--num-proc", type=int, nargs="+", default=None,
+                        help="worker counts to time prepare with (default: the CPU count, then 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-context", type=int, default=8192)
     parser.add_argument("--skip-baselines", action="store_true")
@@ -141,13 +142,13 @@ def main() -> None:
     import datasets
 
     from crlft.config import load_recipe
-    from crlft.data import _default_num_proc, prepare
+    from crlft.data import _TOKENIZER_CACHE, _default_num_proc, prepare
     from crlft.templates import TEMPLATES, build_tokenizer, load_tokenizer
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    num_proc = args.num_proc or _default_num_proc()
-    print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  num_proc: {num_proc}")
+    num_procs = args.num_proc or list(dict.fromkeys([_default_num_proc(), 1]))
+    print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as work:
         tokenizer_dir = os.path.join(work, "tokenizer")
         build_tokenizer("openchat_3.5", tokenizer_dir)
@@ -167,27 +168,28 @@ def main() -> None:
                 model: {{base: {tokenizer_dir}, max_context: {args.max_context}}}
                 data:
                   output_dir: {os.path.join(work, "prepared")}
-                  num_proc: {num_proc}
                   sources:
                     - {{name: synthetic, path: {data_path}, format: openchat, reward: 1.0}}
                 train: {{output_dir: {os.path.join(work, "run")}, batch_max_len: {args.max_context}}}
                 """))
-        recipe = load_recipe(recipe_path)
-
-        stats: dict = {}
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        prepare(recipe, log=lambda line: None, stats=stats)
-        prepare_s, prepare_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
-        total = stats["report"]["total"]
-        num_tokens = total["tokens"]
-        timings = stats["timings"]
-        results = [
-            ("crlft prepare: whole path (read → tokenize → write)", prepare_s, prepare_cpu_s, total["kept"],
-             num_tokens),
-            ("crlft prepare: render + tokenize stage", timings["tokenize synthetic"], None, total["kept"], num_tokens),
-        ]
-        print("crlft prepare stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-              + f", tokenizer + metadata + report {prepare_s - sum(timings.values()):.1f}s")
+        results = []
+        for num_proc in num_procs:
+            recipe = load_recipe(recipe_path, [f"data.num_proc={num_proc}"])
+            _TOKENIZER_CACHE.clear()  # each run loads its tokenizer, as `crlft prepare` does
+            stats: dict = {}
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            prepare(recipe, force=True, log=lambda line: None, stats=stats)
+            prepare_s, prepare_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+            total = stats["report"]["total"]
+            timings = stats["timings"]
+            results.append((f"crlft prepare, num_proc={num_proc}: whole path (read → tokenize → write)", prepare_s,
+                            prepare_cpu_s, total["kept"], total["tokens"]))
+            results.append((f"crlft prepare, num_proc={num_proc}: render + tokenize stage",
+                            timings["tokenize synthetic"], None, total["kept"], total["tokens"]))
+            print(f"crlft prepare, num_proc={num_proc}, stages: "
+                  + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+                  + f", tokenizer + metadata + report {prepare_s - sum(timings.values()):.1f}s"
+                  + f"  (load average now {os.getloadavg()[0]:.1f})")
 
         if not args.skip_baselines:
             t0, c0 = time.perf_counter(), cpu_seconds()
@@ -199,11 +201,11 @@ def main() -> None:
             results.append(("OpenChat-style batched, 1 process", time.perf_counter() - t0, cpu_seconds() - c0, rows,
                             tokens))
 
-        print(f"\n{'path':<54}{'wall s':>8}{'CPU s':>8}{'rows':>9}{'tokens':>11}{'M tok/s':>9}{'M tok/CPU s':>13}")
+        print(f"\n{'path':<72}{'wall s':>8}{'CPU s':>8}{'rows':>9}{'tokens':>11}{'M tok/s':>9}{'M tok/CPU s':>13}")
         for name, seconds, cpu_s, rows, tokens in results:
             per_cpu = f"{tokens / cpu_s / 1e6:>13.3f}" if cpu_s else f"{'':>13}"
             cpu_text = f"{cpu_s:>8.1f}" if cpu_s else f"{'':>8}"
-            print(f"{name:<54}{seconds:>8.1f}{cpu_text}{rows:>9}{tokens:>11}{tokens / seconds / 1e6:>9.3f}{per_cpu}")
+            print(f"{name:<72}{seconds:>8.1f}{cpu_text}{rows:>9}{tokens:>11}{tokens / seconds / 1e6:>9.3f}{per_cpu}")
         print(f"\nload average after: {os.getloadavg()}")
 
 

@@ -604,3 +604,74 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def recipe_reference() -> str:
+    """Markdown tables of every recipe key (type, default, the docstring under the field), section by section.
+
+    The README's recipe reference is this text; a test keeps the two identical.
+    """
+    sections = [("model", ModelConfig), ("data", DataConfig), ("data.sources[]", SourceConfig),
+                ("train", TrainConfig), ("deepspeed", DeepSpeedSection), ("logging", LoggingConfig),
+                ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
+    lines: list[str] = []
+    for name, cls in sections:
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        lines += [f"**`{name}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            doc = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {_reference_type(hints[f.name])} | {_reference_default(f)} | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _reference_type(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        names = [_reference_type(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return "list of sources" if dataclasses.is_dataclass(args[0]) else f"list of {_reference_type(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _reference_default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value == "":
+        return '`""`'
+    return f"`{value}`"

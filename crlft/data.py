@@ -9,6 +9,14 @@ the result is written with ``save_to_disk``: one row per conversation with ``inp
 ``loss_weights`` (float32, unshifted: ``loss_weights[i]`` weighs predicting ``input_ids[i]``), ``length``,
 ``source``, ``index`` (record number in its source, 0-based) and ``condition``.
 
+Record rules, the same for every format: a record may carry ``system`` and ``condition`` keys and each message a
+``weight`` (OpenChat's format has them; an empty or missing one is filled from the source); ``system`` turns
+(ShareGPT ``from: system``, OpenAI ``role: system``) become the system text, joined by a blank line; user
+messages always weigh 0 (a non-zero user weight is ignored and counted); trailing user turns are dropped (they
+teach nothing) and counted; consecutive turns of the same role are kept as they are (the template renders any
+order) and counted; an unknown role, non-string content or a negative / non-numeric weight is an error naming
+file, line and record (or, with ``on_error: skip``, a counted skip).
+
 Everything that is left out is counted: per source and condition the report gives conversations read, kept,
 truncated, dropped by reason, tokens, supervised tokens and mean weight (``prepare_report.json`` in the output
 directory, and a table on stdout).
@@ -55,10 +63,7 @@ MAP_BATCH_SIZE = 1000
 
 # Conversations per render_batch call inside a map batch. Measured: the tokenizer needs about 30% less CPU per
 # token for a few dozen conversations per call than for a thousand (its per-call working set stays in cache).
-RENDER_CHUNK = 32
-
-# Whether map workers turn the tokenizer's own thread pool off (experiment switch).
-WORKERS_SERIAL_TOKENIZER = True
+RENDER_CHUNK = 16
 
 # How many skipped-record messages the report keeps (the count is always complete).
 MAX_ERROR_EXAMPLES = 20
@@ -107,30 +112,65 @@ def _finish(record: dict[str, Any], messages: list[Message], system_parts: list[
     if system is not None:
         system_parts.insert(0, _text(system, "system"))
     condition = record.get("condition")
-    condition = "" if condition is None else _text(condition, "condition")
-    return Conversation(messages=messages, system="\n\n".join(p for p in system_parts if p), condition=condition)
+    if condition is None:
+        condition = ""
+    elif condition.__class__ is not str:
+        _text(condition, "condition")  # raises
+    if not system_parts:
+        system = ""
+    elif len(system_parts) == 1:
+        system = system_parts[0]
+    else:
+        system = "\n\n".join(p for p in system_parts if p)
+    return Conversation(messages, system, condition)
 
 
 def _message_list(
     turns: list, key: str, role_key: str, content_key: str, roles: dict[str, str]
 ) -> tuple[list[Message], list[str]]:
-    """Messages and system texts of a list of turns; ``roles`` maps the source's role names to ours."""
+    """Messages and system texts of a list of turns; ``roles`` maps the source's role names to ours.
+
+    Runs once per record in the map workers, so the common case takes a fast path; anything unusual goes to
+    ``_turn_problem`` for a precise message.
+    """
     messages: list[Message] = []
     system_parts: list[str] = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(f"{key}[{i}] must be an object, got {_short(turn)}")
-        role_name = turn.get(role_key)
-        role = roles.get(role_name) if isinstance(role_name, str) else None
-        if role is None:
-            known = ", ".join(repr(r) for r in roles)
-            raise RecordError(f"{key}[{i}]: unknown role {role_name!r} in {role_key!r} (known: {known})")
-        content = _text(turn.get(content_key), f"{key}[{i}].{content_key}")
+    for turn in turns:
+        try:
+            role = roles[turn[role_key]]
+            content = turn[content_key]
+            weight = turn.get("weight")
+        except (KeyError, TypeError, AttributeError):
+            raise _turn_problem(turns, key, role_key, content_key, roles) from None
+        if content.__class__ is not str:
+            raise _turn_problem(turns, key, role_key, content_key, roles)
+        if weight is not None and not (weight.__class__ is float and 0.0 <= weight < math.inf):
+            if weight.__class__ is int and weight >= 0:
+                weight = float(weight)  # a JSON integer such as 0 or 1
+            else:
+                raise _turn_problem(turns, key, role_key, content_key, roles)
         if role == "system":
             system_parts.append(content)
         else:
-            messages.append(Message(role, content, _weight(turn.get("weight"), f"{key}[{i}].weight")))
+            messages.append(Message(role, content, weight))
     return messages, system_parts
+
+
+def _turn_problem(turns: list, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> RecordError:
+    """The precise error for the first bad turn (the slow path of ``_message_list``)."""
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return RecordError(f"{key}[{i}] must be an object, got {_short(turn)}")
+        role_name = turn.get(role_key)
+        if not isinstance(role_name, str) or role_name not in roles:
+            known = ", ".join(repr(r) for r in roles)
+            return RecordError(f"{key}[{i}]: unknown role {role_name!r} in {role_key!r} (known: {known})")
+        try:
+            _text(turn.get(content_key), f"{key}[{i}].{content_key}")
+            _weight(turn.get("weight"), f"{key}[{i}].weight")
+        except RecordError as e:
+            return e
+    raise AssertionError("_turn_problem called for valid turns")
 
 
 OPENCHAT_ROLES = {"user": "user", "assistant": "assistant"}
@@ -215,6 +255,8 @@ class _SourceJob:
     per_sequence_loss: bool
 
 
+# The prepared dataset's columns, and the per-row statistics the report is computed from (not saved).
+ROW_COLUMNS = ("input_ids", "loss_weights", "length", "source", "index", "condition")
 STAT_COLUMNS = ("_drop", "_truncated", "_trailing_user", "_consecutive", "_user_weight_ignored", "_error",
                 "_supervised", "_weight_sum")
 
@@ -251,7 +293,7 @@ def _process_batch(batch: dict[str, list], indices: list[int], job: _SourceJob, 
     convert = FORMATS[job.format]
     keys = list(batch)
     num_records = len(indices)
-    out: dict[str, list] = {name: [] for name in _features()}
+    out: dict[str, list] = {name: [] for name in (*ROW_COLUMNS, *STAT_COLUMNS)}
     to_render: list[Conversation] = []
     render_rows: list[int] = []
     for row, (index, values) in enumerate(zip(indices, zip(*(batch[k] for k in keys)))):
@@ -598,11 +640,8 @@ def _map_source(records, job: _SourceJob, tokenizer, num_proc: int, cache_file: 
     # With worker processes on every core, the tokenizer's own thread pool in each worker only oversubscribes the
     # cores; the workers inherit the setting at fork, and the parent's is restored afterwards.
     saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-    if num_proc > 1 and WORKERS_SERIAL_TOKENIZER:
+    if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    saved_rayon = os.environ.get("RAYON_NUM_THREADS")
-    if num_proc > 1 and not WORKERS_SERIAL_TOKENIZER:
-        os.environ["RAYON_NUM_THREADS"] = "1"
     try:
         return records.map(
             _process_batch,
@@ -619,8 +658,6 @@ def _map_source(records, job: _SourceJob, tokenizer, num_proc: int, cache_file: 
             desc=f"tokenize {job.name}",
         )
     finally:
-        if saved_rayon is None:
-            os.environ.pop("RAYON_NUM_THREADS", None)
         if saved_parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:

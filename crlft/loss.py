@@ -27,14 +27,26 @@ Never per micro-batch
     ``test_per_micro_batch_normalisation_differs`` shows the difference. So the trainer passes the global ``D``
     (known up front from the packing plan, no communication) to :func:`loss_scale_for_backward`.
 
-Memory
+Memory and time
     A 77,824-token row with Mistral's 32,002-token vocabulary would need 10 GB for one fp32 copy of its logits,
     and a naive cross-entropy keeps several such copies alive for the backward. :func:`chunked_weighted_cross_entropy`
-    instead selects the supervised positions first (prompt tokens need no logits), then runs ``lm_head`` and the
-    fp32 cross-entropy chunk by chunk under activation checkpointing: the forward keeps only the chunk's inputs,
-    the backward recomputes one chunk's logits at a time. Peak extra memory is a few (3 to 5) fp32 copies of one
-    chunk's logits, ``chunk_tokens · vocab · 4`` bytes each (logits, log-softmax, their gradients), instead of that
-    times ``T / chunk_tokens``. (A fused linear-cross-entropy kernel would save the rest; none is a dependency.)
+    instead selects the supervised positions first (prompt tokens need no logits), then goes through them chunk by
+    chunk, and computes each chunk's *gradients during the forward* (a fused linear cross-entropy):
+    ``logits = h_c·Wᵀ`` (upcast to fp32), ``dlogits = w·(softmax − onehot)``, ``grad_h_c = dlogits·W`` and
+    ``grad_W += dlogitsᵀ·h_c``; the chunk's logits are then freed. The backward only scales the kept ``grad_h``
+    (``[T, H]``, the size of the hidden states) and ``grad_W`` (``[V, H]``, the size of ``W``'s own gradient) by the
+    incoming gradient. Peak extra memory is about two fp32 copies of one chunk's logits
+    (``chunk_tokens · vocab · 4`` bytes each) plus those two gradients, and the work is the naive version's three
+    big matmuls: ``logits``, ``grad_h`` and ``grad_W``.
+
+    The fused path needs a plain ``nn.Linear`` ``lm_head`` (its ``weight`` and ``bias``); it runs *inside* that
+    module's call, so DeepSpeed ZeRO-3's module hooks gather the sharded weight for it and reduce its gradient,
+    which reaches the parameter through autograd (tied input embeddings included). Every row calls ``lm_head``
+    exactly once (also a row without supervised targets), so ranks stay in step under ZeRO-3 whatever their rows
+    hold. Any other ``lm_head`` (a ``Linear`` subclass with its own ``forward``, an adapter, a module whose
+    ``forward`` was replaced by hooks such as accelerate's) takes the fallback: per chunk ``lm_head`` and the fp32
+    cross-entropy under activation checkpointing, which recomputes each chunk's logits in the backward (a fourth
+    big matmul, ~15% slower) with 3 to 5 fp32 copies of a chunk's logits alive at once.
 
 Metrics
     :func:`per_condition_sums` turns a row's per-token CE, correctness and weights into one tensor of sums per
@@ -52,18 +64,23 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from crlft.errors import UserError
 
 IGNORE_INDEX = -100
 
-# 4096 supervised targets x 32,002 vocabulary x 4 bytes = 0.5 GB per fp32 copy of a chunk's logits; about three
-# copies live at once in the backward (logits, log-softmax, gradient). Small enough next to a 7B model's
-# activations, large enough that the lm_head matmul stays efficient on a GPU.
+# 4096 supervised targets x 32,002 vocabulary x 4 bytes = 0.5 GB per fp32 copy of a chunk's logits; at most about
+# two copies live at once on the fused path (three to five on the checkpointed fallback). Small enough next to a 7B
+# model's activations, large enough that the lm_head matmuls stay efficient on a GPU.
 DEFAULT_CHUNK_TOKENS = 4096
 
 LossNormalization = Literal["weight_sum", "num_tokens"]
+
+# "fused": gradients computed in the forward (needs a plain nn.Linear lm_head); "checkpoint": per-chunk lm_head
+# calls under activation checkpointing (any lm_head module); "auto": fused when the lm_head allows it.
+LossMethod = Literal["auto", "fused", "checkpoint"]
 
 
 class LossParts(NamedTuple):
@@ -87,6 +104,134 @@ class LossParts(NamedTuple):
     supervised: torch.Tensor
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Fused path: each chunk's gradients are computed in the forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LinearWeightedCrossEntropy(torch.autograd.Function):
+    """``Σ w · CE(h[positions]·Wᵀ + b, labels)`` whose forward also computes the gradients of its inputs.
+
+    Forward inputs: ``hidden`` ``[T, H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``positions`` ``[N]``
+    (the supervised rows of ``hidden``), ``labels`` and ``loss_weights`` ``[N]`` (fp32), ``chunk_size``, and which
+    gradients to compute (``hidden``, ``weight``, ``bias``). Outputs: the fp32 scalar sum, and the detached fp32
+    ``[T]`` per-position CE and bool ``[T]`` correctness (0 / False off ``positions``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, positions, labels, loss_weights, chunk_size, needs_grad):
+        need_hidden, need_weight, need_bias = needs_grad
+        num_positions = hidden.shape[0]
+        device = hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        ce = torch.zeros(num_positions, dtype=torch.float32, device=device)
+        correct = torch.zeros(num_positions, dtype=torch.bool, device=device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # grad_W in W's dtype: addmm_ accumulates each chunk's product into it in one rounding step, no fp32 copy.
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_bias else None
+        need_any = need_hidden or need_weight or need_bias
+        for start in range(0, positions.numel(), chunk_size):
+            idx = positions[start : start + chunk_size]
+            chunk_labels = labels[start : start + chunk_size]
+            chunk_weights = loss_weights[start : start + chunk_size]
+            hidden_chunk = hidden.index_select(0, idx)
+            logits = F.linear(hidden_chunk, weight, bias)  # [C, V] in the model's dtype
+            chunk_correct = logits.argmax(dim=-1) == chunk_labels
+            logits = logits.float()  # (frees a bf16 original before the next [C, V] tensor exists)
+            # log_softmax in fp32, as the naive version's F.cross_entropy(logits.float()): same values, same
+            # gradient formula (exp(log_softmax) · w − w · onehot), so the two agree to rounding.
+            log_probs = F.log_softmax(logits, dim=-1)
+            del logits
+            chunk_ce = -log_probs.gather(1, chunk_labels[:, None]).squeeze(1)
+            total += (chunk_ce * chunk_weights).sum()
+            ce.index_copy_(0, idx, chunk_ce)
+            correct.index_copy_(0, idx, chunk_correct)
+            if not need_any:
+                del log_probs
+                continue
+            dlogits = log_probs.exp_().mul_(chunk_weights[:, None])  # in place: no further [C, V] fp32 copy
+            dlogits.scatter_add_(1, chunk_labels[:, None], -chunk_weights[:, None])
+            del log_probs
+            if grad_bias is not None:
+                grad_bias += dlogits.sum(dim=0)
+            dlogits_mm = dlogits.to(weight.dtype)  # the naive backward also casts the gradient back to W's dtype
+            del dlogits
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, idx, dlogits_mm @ weight)
+            if grad_weight is not None:
+                grad_weight.addmm_(dlogits_mm.t(), hidden_chunk)
+            del dlogits_mm  # before the next chunk's logits exist: at most two [C, V] copies at a time
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(ce, correct)
+        return total, ce, correct
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total, _grad_ce, _grad_correct):
+        # Scaled in place, to not hold a second [V, H] and [T, H] copy while the decoder's backward starts. A second
+        # backward through the same graph (retain_graph=True) therefore fails: autograd sees the saved tensors were
+        # modified and raises, instead of scaling them twice.
+        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def _fused_applicable(lm_head: nn.Module) -> bool:
+    """True when ``lm_head`` is a plain ``nn.Linear`` whose call computes exactly ``F.linear(x, weight, bias)``."""
+    return (
+        isinstance(lm_head, nn.Linear)
+        and type(lm_head).forward is nn.Linear.forward
+        and "forward" not in lm_head.__dict__  # no instance-level replacement (e.g. accelerate's device hooks)
+    )
+
+
+def _fused_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Linear,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs :class:`_LinearWeightedCrossEntropy` as the forward of one ``lm_head`` call.
+
+    Calling the module (with its forward swapped for the fused function during the call) lets DeepSpeed ZeRO-3's
+    module hooks do for the fused function what they do for a ``Linear``: gather the sharded weight before,
+    re-gather it before the backward, and reduce its gradient. Only the differentiable sum leaves the module: ZeRO-3
+    hooks every tensor a module returns, and the detached logging outputs would leave hooks that never fire.
+    """
+    logging_outputs: dict[str, torch.Tensor] = {}
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        # Use the module's input as given: ZeRO-3's hooks may have wrapped it to learn when its backward ends.
+        grad_enabled = torch.is_grad_enabled()
+        weight, bias = lm_head.weight, lm_head.bias
+        needs_grad = (
+            grad_enabled and hidden.requires_grad,
+            grad_enabled and weight.requires_grad,
+            grad_enabled and bias is not None and bias.requires_grad,
+        )
+        total, ce, correct = _LinearWeightedCrossEntropy.apply(
+            hidden, weight, bias, positions, labels, weights, chunk_size, needs_grad
+        )
+        logging_outputs["ce"], logging_outputs["correct"] = ce, correct
+        return total
+
+    lm_head.forward = forward  # an instance attribute shadows nn.Linear.forward for this call only
+    try:
+        total = lm_head(hidden_states)
+    finally:
+        del lm_head.forward
+    return total, logging_outputs["ce"], logging_outputs["correct"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fallback path: per-chunk lm_head calls under activation checkpointing
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def _chunk_loss(
     hidden_chunk: torch.Tensor, labels_chunk: torch.Tensor, weights_chunk: torch.Tensor, lm_head: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,6 +243,40 @@ def _chunk_loss(
     return (ce * weights_chunk).sum(), ce, correct
 
 
+def _checkpointed_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int,
+    num_chunks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``num_chunks`` checkpointed ``lm_head`` calls of ``chunk_size`` supervised targets each (some may be empty)."""
+    num_positions = hidden_states.shape[0]
+    device = hidden_states.device
+    ce = torch.zeros(num_positions, dtype=torch.float32, device=device)
+    correct = torch.zeros(num_positions, dtype=torch.bool, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for k in range(num_chunks):
+        sl = slice(k * chunk_size, (k + 1) * chunk_size)
+        idx = positions[sl]
+        # index_select keeps the graph: its backward scatters the gradient into the selected rows only.
+        hidden_chunk = hidden_states.index_select(0, idx)
+        weighted_sum, chunk_ce, chunk_correct = checkpoint(
+            _chunk_loss, hidden_chunk, labels[sl], weights[sl], lm_head, use_reentrant=False
+        )
+        total = total + weighted_sum
+        ce.index_copy_(0, idx, chunk_ce.detach())
+        correct.index_copy_(0, idx, chunk_correct)
+    return total, ce, correct
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The row's loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def chunked_weighted_cross_entropy(
     hidden_states: torch.Tensor,
     lm_head: nn.Module,
@@ -105,29 +284,45 @@ def chunked_weighted_cross_entropy(
     loss_weights: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     num_chunks: int | None = None,
+    method: LossMethod = "auto",
 ) -> LossParts:
     """Weighted cross-entropy of one packed row without materialising its full ``[T, vocab]`` logits.
 
     Args:
         hidden_states: ``[T, H]`` (or ``[1, T, H]``) final hidden states of the row (after the final norm).
-        lm_head: the output projection module (called per chunk, so ZeRO-3 hooks gather its weight).
+        lm_head: the output projection module. It is always *called* (never bypassed through its ``weight``), so
+            DeepSpeed ZeRO-3's hooks gather its sharded weight: once per row on the fused path, once per chunk in
+            the forward and again in the backward on the checkpointed one.
         labels: ``[T]`` (or ``[1, T]``) target ids, already shifted; ``-100`` where not supervised.
         loss_weights: ``[T]`` (or ``[1, T]``) shifted loss weights; only positions with a weight ≠ 0 get logits.
         chunk_tokens: supervised targets per chunk; bounds the memory of the logits (see the module docstring).
         num_chunks: if given, split the supervised targets into exactly this many chunks (some may be empty)
-            instead, so ``lm_head`` is called the same number of times on every rank whatever its row holds.
-            Needed under ZeRO-3, where every call of ``lm_head`` all-gathers its weight: ranks calling it a
-            different number of times would hang. Use :func:`num_chunks_for` to choose it.
+            instead. The checkpointed path then calls ``lm_head`` the same number of times on every rank whatever
+            its row holds, which it needs under ZeRO-3 (every call all-gathers the weight: ranks calling it a
+            different number of times would hang); use :func:`num_chunks_for` to choose it. The fused path calls
+            ``lm_head`` once per row anyway, so there it only sets the chunk size.
+        method: ``"fused"`` (gradients computed in the forward; ``lm_head`` must be a plain ``nn.Linear``),
+            ``"checkpoint"`` (any ``lm_head``, ~15% slower), or ``"auto"``: fused when ``lm_head`` allows it.
 
     Returns:
-        A :class:`LossParts` whose ``weighted_ce_sum`` is ``Σ w_t · CE_t`` accumulated in fp32.
+        A :class:`LossParts` whose ``weighted_ce_sum`` is ``Σ w_t · CE_t`` accumulated in fp32. On the fused path
+        its backward can run only once (no ``retain_graph``).
 
     Raises:
-        ValueError: on mismatched shapes, a non-positive ``chunk_tokens``/``num_chunks``, or a weighted target
-            whose label is ``-100`` (the packer never produces one; its weight would be silently lost otherwise).
+        ValueError: on mismatched shapes, a non-positive ``chunk_tokens``/``num_chunks``, an unknown ``method``,
+            ``"fused"`` for an ``lm_head`` that is not a plain ``nn.Linear``, or a weighted target whose label is
+            ``-100`` (the packer never produces one; its weight would be silently lost otherwise).
     """
     if chunk_tokens < 1 or (num_chunks is not None and num_chunks < 1):
         raise ValueError(f"chunk_tokens and num_chunks must be ≥ 1, got {chunk_tokens} and {num_chunks}")
+    if method not in ("auto", "fused", "checkpoint"):
+        raise ValueError(f"method must be 'auto', 'fused' or 'checkpoint', got {method!r}")
+    fused = _fused_applicable(lm_head)
+    if method == "fused" and not fused:
+        raise ValueError(
+            f"method='fused' needs a plain torch.nn.Linear lm_head, got {type(lm_head).__name__}; use 'checkpoint'"
+        )
+    fused = fused and method != "checkpoint"
     if hidden_states.dim() == 3:
         if hidden_states.shape[0] != 1:
             raise ValueError(f"expected one packed row, got hidden states of shape {tuple(hidden_states.shape)}")
@@ -144,8 +339,10 @@ def chunked_weighted_cross_entropy(
     supervised = weights != 0
     positions = supervised.nonzero().squeeze(-1)
     num_supervised = positions.numel()
-    if num_supervised and bool((labels.index_select(0, positions) == IGNORE_INDEX).any()):
+    selected_labels = labels.index_select(0, positions)
+    if num_supervised and bool((selected_labels == IGNORE_INDEX).any()):
         raise ValueError("a position has a non-zero loss weight but label -100; labels and weights disagree")
+    selected_weights = weights.index_select(0, positions)
 
     if num_chunks is None:
         # At least one (possibly empty) chunk: lm_head then takes part in every rank's backward, so its gradient
@@ -153,32 +350,22 @@ def chunked_weighted_cross_entropy(
         num_chunks = max(1, math.ceil(num_supervised / chunk_tokens))
     chunk_size = max(1, math.ceil(num_supervised / num_chunks))
 
-    ce = torch.zeros(num_positions, dtype=torch.float32, device=hidden_states.device)
-    correct = torch.zeros(num_positions, dtype=torch.bool, device=hidden_states.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
-    for k in range(num_chunks):
-        idx = positions[k * chunk_size : (k + 1) * chunk_size]
-        # index_select keeps the graph: its backward scatters the gradient into the selected rows only.
-        hidden_chunk = hidden_states.index_select(0, idx)
-        weighted_sum, chunk_ce, chunk_correct = checkpoint(
-            _chunk_loss,
-            hidden_chunk,
-            labels.index_select(0, idx),
-            weights.index_select(0, idx),
-            lm_head,
-            use_reentrant=False,
+    if fused:
+        total, ce, correct = _fused_loss(
+            hidden_states, lm_head, positions, selected_labels, selected_weights, chunk_size
         )
-        total = total + weighted_sum
-        ce.index_copy_(0, idx, chunk_ce.detach())
-        correct.index_copy_(0, idx, chunk_correct)
+    else:
+        total, ce, correct = _checkpointed_loss(
+            hidden_states, lm_head, positions, selected_labels, selected_weights, chunk_size, num_chunks
+        )
     return LossParts(weighted_ce_sum=total, ce=ce, correct=correct, weights=weights, supervised=supervised)
 
 
 def num_chunks_for(max_row_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
     """A fixed chunk count for rows of at most ``max_row_tokens`` positions (for ``num_chunks`` under ZeRO-3).
 
-    With it no chunk holds more than ``chunk_tokens`` targets, whatever the row, and every rank makes the same
-    number of ``lm_head`` calls.
+    With it no chunk holds more than ``chunk_tokens`` targets, whatever the row, and on the checkpointed path every
+    rank makes the same number of ``lm_head`` calls (the fused path makes one per row in any case).
     """
     return max(1, math.ceil(max_row_tokens / chunk_tokens))
 
@@ -188,6 +375,7 @@ def causal_lm_loss_parts(
     row: dict[str, Any],
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     num_chunks: int | None = None,
+    method: LossMethod = "auto",
     **forward_kwargs: Any,
 ) -> LossParts:
     """Runs a Hugging Face causal LM's decoder on a packed row and the chunked weighted CE on its output.
@@ -201,7 +389,8 @@ def causal_lm_loss_parts(
         row: a packed row (``input_ids``, ``position_ids``, ``labels``, ``loss_weights``, each ``[1, T]``) on the
             model's device.
         chunk_tokens: see :func:`chunked_weighted_cross_entropy`.
-        num_chunks: see :func:`chunked_weighted_cross_entropy` (set it under ZeRO-3).
+        num_chunks: see :func:`chunked_weighted_cross_entropy`.
+        method: see :func:`chunked_weighted_cross_entropy`.
         **forward_kwargs: passed to the decoder, e.g. ``crlft.packing.flash_attention_kwargs(row)``.
 
     Returns:
@@ -217,6 +406,7 @@ def causal_lm_loss_parts(
         row["loss_weights"],
         chunk_tokens=chunk_tokens,
         num_chunks=num_chunks,
+        method=method,
     )
 
 
@@ -230,19 +420,29 @@ class WeightedLossModel(nn.Module):
     Args:
         model: the causal LM.
         chunk_tokens: see :func:`chunked_weighted_cross_entropy`.
-        num_chunks: see :func:`chunked_weighted_cross_entropy`; set it (``num_chunks_for(max row length)``) under
-            ZeRO-3.
+        num_chunks: see :func:`chunked_weighted_cross_entropy`; ``num_chunks_for(max row length)`` keeps ranks in
+            step under ZeRO-3 when the checkpointed path is taken (harmless on the fused path).
+        method: see :func:`chunked_weighted_cross_entropy`.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, num_chunks: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        num_chunks: int | None = None,
+        method: LossMethod = "auto",
+    ):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.num_chunks = num_chunks
+        self.method = method
 
     def forward(self, row: dict[str, Any], **forward_kwargs: Any) -> LossParts:
         """Loss parts of one packed row; see :func:`causal_lm_loss_parts`."""
-        return causal_lm_loss_parts(self.model, row, self.chunk_tokens, self.num_chunks, **forward_kwargs)
+        return causal_lm_loss_parts(
+            self.model, row, self.chunk_tokens, self.num_chunks, self.method, **forward_kwargs
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,6 +614,7 @@ __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "IGNORE_INDEX",
     "SUM_FIELDS",
+    "LossMethod",
     "LossParts",
     "WeightedLossModel",
     "causal_lm_loss_parts",

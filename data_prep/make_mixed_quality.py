@@ -45,7 +45,7 @@ WORDS = (
 ).split()
 
 # Task sizes: small enough for a 2-layer model trained for a few minutes on a CPU.
-ADD_NUM_DIGITS = (2, 3)  # each operand has 2 or 3 digits
+ADD_OPERAND_RANGES = ((10, 99), (100, 999))  # each operand is drawn from one of these ranges
 SORT_NUM_DIGITS = (4, 5, 6)  # digits, not numbers, are sorted: one token each, so answers stay short
 REVERSE_LIST_LENGTHS = (3, 4, 5, 6)
 
@@ -70,11 +70,7 @@ def score(eval_record: dict, completion: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- prompts
 def _sample_add(rng: random.Random) -> tuple[str, tuple[int, int]]:
-    operands = []
-    for _ in range(2):
-        num_digits = rng.choice(ADD_NUM_DIGITS)
-        operands.append(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
-    a, b = operands
+    a, b = (rng.randint(*rng.choice(ADD_OPERAND_RANGES)) for _ in range(2))
     return f"What is {a} + {b}?", (a, b)
 
 

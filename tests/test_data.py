@@ -79,11 +79,23 @@ def test_alpaca_record_joins_instruction_and_input():
     ("sharegpt", {"conversations": [{"from": "gpt", "value": None}]}, "conversations[0].value must be a string"),
     ("sharegpt", {"items": []}, "has no 'conversations'"),
     ("alpaca", {"instruction": "x"}, "output must be a string"),
+    ("messages", {"messages": ["hello"]}, "messages[0] must be an object"),
+    ("messages", {"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}, "messages[1]: unknown role None"),
+    ("openchat", {"items": [{"role": "assistant", "content": "x", "weight": float("nan")}]}, "got nan"),
+    ("openchat", {"items": [{"role": "assistant", "content": "x", "weight": True}]}, "got True"),
+    ("openchat", {"items": [{"role": "user", "content": "x"}], "condition": 4}, "condition must be a string"),
+    ("sharegpt", {"conversations": "hi"}, "'conversations' must be a list"),
 ])
 def test_bad_records_raise_record_error_naming_the_problem(fmt, record, needle):
     with pytest.raises(RecordError, match=None) as info:
         FORMATS[fmt](record)
     assert needle in str(info.value)
+
+
+def test_integer_weights_become_floats():
+    conversation = FORMATS["messages"]({"messages": [{"role": "user", "content": "q", "weight": 0},
+                                                     {"role": "assistant", "content": "a", "weight": 2}]})
+    assert [(m.weight, type(m.weight)) for m in conversation.messages] == [(0.0, float), (2.0, float)]
 
 
 def test_reward_to_weight():

@@ -49,8 +49,9 @@ def grads(loss, tensors):
 
 
 # ---------------------------------------------------------------------------------------------- chunked == naive
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 16, 37, 1000])
-def test_chunked_matches_naive_values_and_gradients(chunk_tokens):
+def test_chunked_matches_naive_values_and_gradients(chunk_tokens, method):
     num_positions = 37  # not a multiple of any chunk size but 1 and 37
     h, head, labels, weights = make_row(num_positions, vocab=50, hidden=8)
     h.requires_grad_(True)
@@ -58,7 +59,7 @@ def test_chunked_matches_naive_values_and_gradients(chunk_tokens):
     ref_loss, ref_ce = naive(h, head, labels, weights)
     ref_gh, ref_gw = grads(ref_loss, [h, head.weight])
 
-    parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=chunk_tokens)
+    parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=chunk_tokens, method=method)
     gh, gw = grads(parts.weighted_ce_sum, [h, head.weight])
 
     assert parts.weighted_ce_sum.dtype == torch.float32
@@ -73,33 +74,147 @@ def test_chunked_matches_naive_values_and_gradients(chunk_tokens):
     assert torch.equal(parts.supervised, weights != 0)
 
 
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
 @pytest.mark.parametrize("num_chunks", [1, 2, 5, 40])
-def test_fixed_chunk_count_matches_naive(num_chunks):
+def test_fixed_chunk_count_matches_naive(num_chunks, method):
     """num_chunks (for ZeRO-3) gives the same result, also with more chunks than supervised targets."""
     h, head, labels, weights = make_row(23, vocab=31, hidden=4, seed=1)
     h.requires_grad_(True)
     ref_loss, _ = naive(h, head, labels, weights)
     ref = grads(ref_loss, [h, head.weight])
-    parts = chunked_weighted_cross_entropy(h, head, labels, weights, num_chunks=num_chunks)
+    parts = chunked_weighted_cross_entropy(h, head, labels, weights, num_chunks=num_chunks, method=method)
     got = grads(parts.weighted_ce_sum, [h, head.weight])
     torch.testing.assert_close(parts.weighted_ce_sum, ref_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_fixed_chunk_count_calls_lm_head_the_same_number_of_times_whatever_the_row():
+def test_fused_path_calls_lm_head_once_per_row_and_not_in_the_backward():
+    """Under ZeRO-3 every lm_head call all-gathers its weight, so every rank must make the same calls: the fused path
+    makes exactly one per row (also for a row with nothing supervised) and none in the backward, which only scales
+    the gradients computed in the forward."""
+    calls = []
+    h, head, labels, weights = make_row(40, vocab=11, hidden=4, seed=2)
+    head.register_forward_hook(lambda *_: calls.append(1))
+    for w in (weights, torch.zeros_like(weights)):  # a full row, and one with nothing supervised
+        for num_chunks in (None, 4):
+            calls.clear()
+            lab = torch.where(w != 0, labels, IGNORE_INDEX)
+            parts = chunked_weighted_cross_entropy(
+                h.clone().requires_grad_(True), head, lab, w, chunk_tokens=3, num_chunks=num_chunks
+            )
+            assert len(calls) == 1
+            parts.weighted_ce_sum.backward()
+            assert len(calls) == 1
+    assert "forward" not in head.__dict__  # the module's own forward is back
+
+
+def test_checkpoint_path_calls_lm_head_the_same_number_of_times_whatever_the_row():
     calls = []
     h, head, labels, weights = make_row(40, vocab=11, hidden=4, seed=2)
     head.register_forward_hook(lambda *_: calls.append(1))
     for w in (weights, torch.zeros_like(weights)):  # a full row, and one with nothing supervised
         calls.clear()
         lab = torch.where(w != 0, labels, IGNORE_INDEX)
-        parts = chunked_weighted_cross_entropy(h.clone().requires_grad_(True), head, lab, w, num_chunks=4)
+        parts = chunked_weighted_cross_entropy(
+            h.clone().requires_grad_(True), head, lab, w, num_chunks=4, method="checkpoint"
+        )
         assert len(calls) == 4  # forward
         parts.weighted_ce_sum.backward()
         assert len(calls) == 8  # + recomputation of every chunk in the backward
     assert num_chunks_for(77824, 4096) == 19
     assert num_chunks_for(10, 4096) == 1
+
+
+class ScaledHead(nn.Linear):
+    """A Linear subclass whose forward is not F.linear: the fused path must not bypass it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_auto_falls_back_to_checkpointing_for_other_lm_heads():
+    h, head, labels, weights = make_row(25, vocab=13, hidden=4, seed=10)
+    scaled = ScaledHead(4, 13, bias=False)
+    with torch.no_grad():
+        scaled.weight.copy_(head.weight)
+    h.requires_grad_(True)
+    ref_loss, _ = naive(h, scaled, labels, weights)
+    ref = grads(ref_loss, [h, scaled.weight])
+    calls = []
+    scaled.register_forward_hook(lambda *_: calls.append(1))
+    parts = chunked_weighted_cross_entropy(h, scaled, labels, weights, chunk_tokens=4)
+    assert len(calls) > 1  # one call per chunk: the checkpointed path
+    torch.testing.assert_close(parts.weighted_ce_sum, ref_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(parts.weighted_ce_sum, [h, scaled.weight]), ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(ValueError, match="plain torch.nn.Linear"):
+        chunked_weighted_cross_entropy(h, scaled, labels, weights, method="fused")
+    with pytest.raises(ValueError, match="method must be"):
+        chunked_weighted_cross_entropy(h, head, labels, weights, method="kernel")
+
+
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+def test_bias_gradient_matches_naive(method):
+    h, head, labels, weights = make_row(29, vocab=17, hidden=5, seed=11)
+    head_b = nn.Linear(5, 17, bias=True)
+    with torch.no_grad():
+        head_b.weight.copy_(head.weight)
+        head_b.bias.normal_()
+    h.requires_grad_(True)
+    params = [h, head_b.weight, head_b.bias]
+    ref_loss, _ = naive(h, head_b, labels, weights)
+    ref = grads(ref_loss, params)
+    parts = chunked_weighted_cross_entropy(h, head_b, labels, weights, chunk_tokens=6, method=method)
+    torch.testing.assert_close(parts.weighted_ce_sum, ref_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(parts.weighted_ce_sum, params), ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_gradients_are_scaled_by_the_incoming_gradient_and_only_where_needed():
+    """The backward multiplies the forward's gradients by the incoming one (the trainer's loss scale); a frozen
+    lm_head gets no gradient; without grad mode nothing is computed for the backward."""
+    h, head, labels, weights = make_row(31, vocab=19, hidden=6, seed=12)
+    h.requires_grad_(True)
+    ref_loss, _ = naive(h, head, labels, weights)
+    ref_gh, ref_gw = grads(ref_loss * 0.37, [h, head.weight])
+    parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=5)
+    gh, gw = grads(parts.weighted_ce_sum * 0.37, [h, head.weight])
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-6, atol=1e-6)
+
+    head.weight.requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=5)
+    assert [tuple(t.shape) for t in saved] == [tuple(h.shape)]  # grad_h only: no [V, H] gradient kept
+    parts.weighted_ce_sum.backward()
+    assert head.weight.grad is None
+    torch.testing.assert_close(h.grad, grads(naive(h, head, labels, weights)[0], [h])[0], rtol=1e-6, atol=1e-6)
+
+    head.weight.requires_grad_(True)
+    with torch.no_grad():
+        parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=5)
+    assert parts.weighted_ce_sum.grad_fn is None
+    torch.testing.assert_close(parts.weighted_ce_sum, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_backward_twice_is_an_error_not_a_double_scaling():
+    h, head, labels, weights = make_row(12, vocab=9, hidden=4, seed=13)
+    h.requires_grad_(True)
+    parts = chunked_weighted_cross_entropy(h, head, labels, weights, method="fused")
+    parts.weighted_ce_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        parts.weighted_ce_sum.backward()
+
+
+def test_fused_restores_lm_head_forward_after_an_error():
+    h, head, labels, weights = make_row(12, vocab=9, hidden=4, seed=14, zero_fraction=0.0)
+    labels[2] = 9  # out of the vocabulary: fails inside the fused forward
+    with pytest.raises((RuntimeError, IndexError)):
+        chunked_weighted_cross_entropy(h.requires_grad_(True), head, labels, weights, method="fused")
+    assert "forward" not in head.__dict__
 
 
 def test_batched_shapes_accepted():
@@ -147,12 +262,20 @@ def test_weight_on_ignored_label_is_an_error():
         chunked_weighted_cross_entropy(h, head, labels, weights)
 
 
-def test_bf16_model_accumulates_in_fp32():
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+def test_bf16_model_accumulates_in_fp32(method):
     h, head, labels, weights = make_row(20, vocab=30, hidden=8, seed=7, dtype=torch.bfloat16)
-    parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=6)
+    h.requires_grad_(True)
+    parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=6, method=method)
     ref, _ = naive(h, head, labels, weights)  # head(h) in bf16, then fp32 CE: the same recipe
     assert parts.weighted_ce_sum.dtype == torch.float32
     torch.testing.assert_close(parts.weighted_ce_sum, ref, rtol=1e-5, atol=1e-5)
+    # Gradients: the same bf16 matmuls of the fp32 softmax gradient cast to bf16. grad_h is the same per row;
+    # grad_W sums the chunks in bf16 (the naive version in one matmul): a bf16 rounding or two apart.
+    got, expected = grads(parts.weighted_ce_sum, [h, head.weight]), grads(ref, [h, head.weight])
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * float(b.float().abs().max()))
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -171,9 +294,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_full_logits_in_forward_or_backward():
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+def test_no_full_logits_in_forward_or_backward(method):
     """T=8192, V=32002: no op in the forward or backward produces a [T, V]-sized tensor, and the forward saves
-    nothing vocabulary-sized for the backward; the naive version does both.
+    nothing vocabulary-sized for the backward (the fused path keeps the [T, H] and [V, H] gradients, the
+    checkpointed one the chunks' inputs); the naive version does both.
 
     A quarter of the row is supervised (the rest is prompt): selecting those positions is the first saving, the
     chunks of 512 the second. Peak bytes, as opposed to tensor sizes, are measured on CUDA below and in the
@@ -193,8 +318,8 @@ def test_no_full_logits_in_forward_or_backward():
         return t
 
     with LargestTensor() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=chunk)
-    assert max(saved) < vocab * chunk  # only the chunks' inputs are kept for the backward
+        parts = chunked_weighted_cross_entropy(h, head, labels, weights, chunk_tokens=chunk, method=method)
+    assert max(saved) < vocab * chunk  # nothing of a chunk's logits is kept for the backward
     with mode:
         parts.weighted_ce_sum.backward()
     assert mode.largest <= chunk * vocab
@@ -383,21 +508,26 @@ def test_per_condition_errors():
 
 
 # ---------------------------------------------------------------------------------------------- with a real model
-def tiny_mistral(vocab=64):
+def tiny_mistral(vocab=64, tied=False):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa",
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa", tie_word_embeddings=tied,
     )
-    return MistralForCausalLM(config).eval()
+    model = MistralForCausalLM(config).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model
 
 
-def test_causal_lm_path_matches_full_forward_on_a_packed_row():
+@pytest.mark.parametrize("method", ["fused", "checkpoint"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_causal_lm_path_matches_full_forward_on_a_packed_row(tied, method):
+    """Also with lm_head tied to the input embeddings: the shared weight gets both gradients."""
     from crlft.packing import pack_row
 
-    model = tiny_mistral()
+    model = tiny_mistral(tied=tied)
     g = torch.Generator().manual_seed(1)
     examples = []
     for n in (7, 11, 5):
@@ -412,20 +542,21 @@ def test_causal_lm_path_matches_full_forward_on_a_packed_row():
     reference = (ce * row["loss_weights"][0]).sum()
     ref_grads = grads(reference, list(model.parameters()))
 
-    parts = causal_lm_loss_parts(model, row, chunk_tokens=4)
+    parts = causal_lm_loss_parts(model, row, chunk_tokens=4, method=method)
     torch.testing.assert_close(parts.weighted_ce_sum, reference, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads(parts.weighted_ce_sum, list(model.parameters())), ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-    wrapped = WeightedLossModel(model, chunk_tokens=3, num_chunks=5)
+    wrapped = WeightedLossModel(model, chunk_tokens=3, num_chunks=5, method=method)
     torch.testing.assert_close(wrapped(row).weighted_ce_sum, reference, rtol=1e-5, atol=1e-6)
     sums = per_condition_sums(parts, row["cu_seqlens"], row["segment_conditions"], ["GPT3", "GPT4 Correct"])
     assert sums[:, SUM_FIELDS.index("num_tokens")].tolist() == [6.0, 4.0 + 3.0]  # shifted: n - n // 2 - 1 each
 
 
 # ---------------------------------------------------------------------------------------------- ZeRO-3, two ranks
-def _zero3_worker(rank, world_size, port, out_dir):
+def _zero3_worker(rank, world_size, port, out_dir, tied=False):
     import os
+    from collections import OrderedDict
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -435,7 +566,7 @@ def _zero3_worker(rank, world_size, port, out_dir):
     from deepspeed.utils import safe_get_full_grad
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = tiny_mistral().train()
+    model = tiny_mistral(tied=tied).train()
     rows = zero3_rows()
     denominator = sum(float(r["loss_weights"].sum()) for r in rows)
     wrapped = WeightedLossModel(model, chunk_tokens=4, num_chunks=num_chunks_for(64, 4))
@@ -448,10 +579,24 @@ def _zero3_worker(rank, world_size, port, out_dir):
         "zero_allow_untested_optimizer": True,
     }
     engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=wrapped.parameters(), config=config)
+
+    # What lm_head sees: its calls, and its weight's size inside them and before. The weight is read from the raw
+    # dict: during the forward, ZeRO-3's parameter dict gathers a partitioned weight on plain attribute access.
+    def raw_weight_numel():
+        return OrderedDict.__getitem__(model.lm_head._parameters, "weight").numel()
+
+    seen = {"numel_inside": [], "numel_before": raw_weight_numel()}
+
+    def record_call(module, args):
+        seen["numel_inside"].append(raw_weight_numel())
+
+    model.lm_head.register_forward_pre_hook(record_call)  # after DeepSpeed's hooks: runs after their gather
     parts = engine(rows[rank])
     engine.backward(parts.weighted_ce_sum * loss_scale_for_backward(denominator, world_size, 1))
     full = {name: safe_get_full_grad(p).clone() for name, p in engine.module.model.named_parameters()}
     engine.step()
+    seen["numel_after"] = raw_weight_numel()
+    torch.save(seen, os.path.join(out_dir, f"lm_head_rank{rank}.pt"))
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "grads.pt"))
 
@@ -470,9 +615,11 @@ def zero3_rows():
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_gradient_equals_global_reference(tmp_path, monkeypatch):
-    """Under ZeRO-3 (lm_head sharded, gathered by module hooks per chunk) two ranks with rows of different sizes
-    run in step (same number of lm_head calls) and produce the globally normalised gradient."""
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_zero3_two_ranks_gradient_equals_global_reference(tmp_path, monkeypatch, tied):
+    """Under ZeRO-3 (lm_head sharded, gathered by its module hooks for the one fused call per row, its gradient
+    reduced by DeepSpeed's hooks) two ranks with rows of different sizes run in step and produce the globally
+    normalised gradient; also when lm_head shares its weight with the input embeddings."""
     import socket
 
     import torch.multiprocessing as mp
@@ -483,13 +630,24 @@ def test_zero3_two_ranks_gradient_equals_global_reference(tmp_path, monkeypatch)
     # Inherited by the spawned ranks: CPU DeepSpeed, and one thread each so two ranks share two cores.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    mp.start_processes(_zero3_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(
+        _zero3_worker, args=(2, port, str(tmp_path), tied), nprocs=2, start_method="spawn", join=True
+    )
     got = torch.load(tmp_path / "grads.pt")
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"lm_head_rank{rank}.pt")
+        # One call (the fused path, not one per chunk), with the weight gathered for it and partitioned around it.
+        assert seen["numel_inside"] == [64 * 32]
+        assert seen["numel_before"] < 64 * 32 and seen["numel_after"] < 64 * 32
 
-    model = tiny_mistral().train()
+    model = tiny_mistral(tied=tied).train()
     rows = zero3_rows()
     denominator = sum(float(r["loss_weights"].sum()) for r in rows)
-    total = sum(causal_lm_loss_parts(model, row, chunk_tokens=4).weighted_ce_sum for row in rows) / denominator
+    total = 0.0
+    for row in rows:  # the naive reference: the full model's logits for every position
+        logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits[0]
+        ce = F.cross_entropy(logits.float(), row["labels"][0], reduction="none", ignore_index=IGNORE_INDEX)
+        total = total + (ce * row["loss_weights"][0]).sum() / denominator
     reference = dict(zip([n for n, _ in model.named_parameters()], grads(total, list(model.parameters()))))
     assert got.keys() == reference.keys()
     for name in reference:

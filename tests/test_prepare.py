@@ -18,6 +18,7 @@ from crlft.cli import main
 from crlft.config import load_recipe
 from crlft.conversation import Conversation, Message
 from crlft.data import META_FILE, REPORT_FILE, is_prepared, load_prepared, prepare
+from crlft.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +113,26 @@ def test_prepared_rows_equal_render_and_the_model_card(tmp_path, tokenizer_dir, 
         assert row["length"] == len(ids) and row["source"] == "oc" and row["condition"] == conversation.condition
     assert dataset["index"] == [0, 1, 2, 3]
 
+    # OpenChat's post-processing after its template (ochat/data/generate_dataset.py): cut to the model's context,
+    # then drop trailing zero-weight tokens, and drop a conversation left empty. Same rows here for a short context.
+    short = load_recipe(write_recipe(tmp_path, tokenizer_dir, [
+        {"name": "oc", "path": data, "format": "openchat", "condition": "Fallback", "reward": 1.0}],
+        max_context=24, name="short.yaml"), [f"data.output_dir={tmp_path / 'short'}"])
+    prepare(short, log=lambda line: None)
+    expected_rows = []
+    for index, record in enumerate(OPENCHAT_RECORDS):
+        conversation = _conversation(record)
+        conversation.condition = conversation.condition or "Fallback"
+        ids, weights = render(conversation, "openchat_3.5", tokenizer)
+        ids, weights = ids[:24], weights[:24]
+        while weights and weights[-1] == 0:
+            ids, weights = ids[:-1], weights[:-1]
+        if ids:
+            expected_rows.append((index, ids, np.asarray(weights, np.float32).tolist()))
+    short_rows = load_prepared(short)
+    assert [(r["index"], r["input_ids"], r["loss_weights"]) for r in short_rows] == expected_rows
+    assert len(expected_rows) == 3  # the system-prompted conversation has no answer within 24 tokens
+
     first = dataset[0]
     assert first["input_ids"] == CARD_HELLO_HI
     assert first["loss_weights"] == [0.0] * 17 + [1.0, 1.0]  # " Hi" and <|end_of_turn|> are learned
@@ -169,7 +190,12 @@ def test_report_counts_max_samples_repeat_and_reuse(tmp_path, tokenizer_dir, cap
         pytest.approx(0.2))
     with open(gpt4, "a") as f:
         f.write(json.dumps({"conversations": [{"from": "human", "value": "new"}, {"from": "gpt", "value": "x"}]}))
-    assert not is_prepared(load_recipe(recipe_path, ["data.sources.1.reward=0.2"]))
+    changed = load_recipe(recipe_path, ["data.sources.1.reward=0.2"])
+    assert not is_prepared(changed)
+    with pytest.raises(UserError, match="made from other inputs"):
+        load_prepared(changed)
+    with pytest.raises(UserError, match=r"no prepared dataset in .*nowhere.*run `crlft prepare"):
+        load_prepared(load_recipe(recipe_path, [f"data.output_dir={tmp_path / 'nowhere'}"]))
     # Only crlft's own output is ever replaced; no temporary directory is left behind.
     assert sorted(os.listdir(tmp_path)) == ["gpt35.jsonl", "gpt4.jsonl", "prepared", "recipe.yaml"]
 
