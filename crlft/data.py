@@ -21,6 +21,9 @@ Everything that is left out is counted: per source and condition the report give
 truncated, dropped by reason, tokens, supervised tokens and mean weight (``prepare_report.json`` in the output
 directory, and a table on stdout).
 
+When a local source file is missing and ``data.generate`` is set, that shell command runs first (the demo writes
+its synthetic sources this way).
+
 The output directory also holds ``crlft_meta.json``: everything the rows depend on (template, tokenizer
 fingerprint, data settings, ``model.max_context``, the input files' size, mtime and a content hash, the crlft
 version). ``prepare`` reuses an output whose metadata matches and regenerates it otherwise; it writes into a
@@ -37,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -514,6 +518,12 @@ def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
 
     m = recipe.model
     name = m.tokenizer or m.base
+    if not m.tokenizer and m.create_if_missing is not None:
+        # The demo's base (random weights + the template's tokenizer) does not exist before the first run; create
+        # it here so prepare, which runs before any rank, finds its tokenizer.
+        from crlft.model import ensure_base_model
+
+        ensure_base_model(recipe)
     if os.path.isdir(name):
         files = tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
                              for entry in os.scandir(name) if entry.is_file()))
@@ -610,6 +620,24 @@ def load_prepared(recipe: Recipe, check: bool = True):
     return datasets.load_from_disk(output_dir)
 
 
+def _generate_missing_sources(recipe: Recipe, log: Callable[[str], None]) -> None:
+    """Run ``data.generate`` (a shell command, e.g. the demo's data generator) when a local source file is missing.
+
+    Raises:
+        UserError: The command fails. (Files still missing afterwards are reported by ``read_source``.)
+    """
+    command = recipe.data.generate
+    missing = [s.path for s in recipe.data.sources
+               if _is_local(os.path.expanduser(s.path)) and not os.path.isfile(os.path.expanduser(s.path))]
+    if not command or not missing:
+        return
+    log(f"missing source file(s) {', '.join(missing)}: running data.generate: {command}")
+    result = subprocess.run(command, shell=True)
+    if result.returncode != 0:
+        raise UserError(f"{recipe.where('data', 'generate')}: the command {command!r} failed with exit code "
+                        f"{result.returncode}")
+
+
 def _default_num_proc() -> int:
     try:
         num_cpus = len(os.sched_getaffinity(0))
@@ -684,6 +712,7 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
     import datasets
 
     output_dir = recipe.data.output_dir
+    _generate_missing_sources(recipe, log)
     tokenizer, fingerprint = _tokenizer_and_fingerprint(recipe)
     meta_inputs = _expected_meta(recipe, fingerprint)
     old_meta = _read_meta(output_dir)
@@ -902,6 +931,7 @@ def inspect_rows(recipe: Recipe, num_conversations: int, source_name: str | None
     if not sources:
         names = ", ".join(s.name for s in recipe.data.sources)
         raise UserError(f"no source named {source_name!r}; the recipe has: {names}")
+    _generate_missing_sources(recipe, print)
     tokenizer = tokenizer or _tokenizer(recipe)
     per_source = math.ceil(num_conversations / len(sources))
     rows: list[dict] = []

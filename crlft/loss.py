@@ -174,7 +174,14 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
         # Scaled in place, to not hold a second [V, H] and [T, H] copy while the decoder's backward starts. A second
         # backward through the same graph (retain_graph=True) therefore fails: autograd sees the saved tensors were
         # modified and raises, instead of scaling them twice.
-        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
+        grads = []
+        for grad in ctx.saved_tensors:
+            if grad is not None:
+                # A bf16 tensor times a 0-dim fp32 tensor rounds the factor (the trainer's loss scale) to bf16, a
+                # bias of up to 0.4% on the whole update; times a Python number it multiplies in fp32 and rounds
+                # once, as the naive backward does. (.item() waits for the device, once per row.)
+                grad.mul_(grad_total if grad.dtype == torch.float32 else grad_total.item())
+            grads.append(grad)
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 

@@ -90,23 +90,18 @@ def _add_correct(operands: tuple[int, int]) -> str:
     return str(operands[0] + operands[1])
 
 
-def _add_without_carries(operands: tuple[int, int]) -> str:
-    """The schoolbook bug: each column summed mod 10, carries forgotten."""
-    a, b = operands
-    digits = []
-    while a or b:
-        digits.append((a % 10 + b % 10) % 10)
-        a, b = a // 10, b // 10
-    return str(int("".join(map(str, reversed(digits)))))
+def _add_off_by_one(operands: tuple[int, int]) -> str:
+    """The off-by-one bug: the sum plus one."""
+    return str(operands[0] + operands[1] + 1)
 
 
 def _sort_correct(digits: str) -> str:
     return "".join(sorted(digits))
 
 
-def _sort_all_but_last(digits: str) -> str:
-    """Off-by-one insertion sort: the last digit is never inserted and stays at the end."""
-    return "".join(sorted(digits[:-1])) + digits[-1]
+def _sort_stops_early(digits: str) -> str:
+    """Off-by-one loop bound: the sorted digits without the last (largest) one."""
+    return "".join(sorted(digits))[:-1]
 
 
 def _reverse_correct(words: list[str]) -> str:
@@ -148,7 +143,7 @@ def _slip_adjacent_swap(items: list[str], rng: random.Random) -> list[str] | Non
 def _wrong_answer(task: str, payload, correct: str, style: str, rng: random.Random) -> str:
     """A wrong answer for a sub-optimal record; the systematic bug first, a random slip when the bug is harmless."""
     if style == "systematic":
-        bug = {"add": _add_without_carries, "sort": _sort_all_but_last, "reverse": _reverse_stops_early}[task]
+        bug = {"add": _add_off_by_one, "sort": _sort_stops_early, "reverse": _reverse_stops_early}[task]
         wrong = bug(payload)
         if wrong != correct:
             return wrong

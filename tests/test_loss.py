@@ -200,6 +200,19 @@ def test_fused_gradients_are_scaled_by_the_incoming_gradient_and_only_where_need
     torch.testing.assert_close(parts.weighted_ce_sum, ref_loss.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_fused_bf16_gradients_are_scaled_in_fp32():
+    """The incoming gradient (the trainer's loss scale, here 1/3) multiplies the bf16 gradients in fp32, rounded
+    once: rounding the factor itself to bf16 (0.333984375) would scale the whole update by 1.002."""
+    h, head, labels, weights = make_row(20, vocab=30, hidden=8, seed=15, dtype=torch.bfloat16)
+    h.requires_grad_(True)
+    scale = torch.tensor(1 / 3, dtype=torch.float32)
+    unscaled = grads(chunked_weighted_cross_entropy(h, head, labels, weights).weighted_ce_sum, [h, head.weight])
+    scaled = grads(chunked_weighted_cross_entropy(h, head, labels, weights).weighted_ce_sum * scale, [h, head.weight])
+    for a, b in zip(scaled, unscaled):
+        assert torch.equal(a, (b.float() * scale).bfloat16())
+        assert not torch.equal(a, b * scale.bfloat16())  # the bf16-rounded factor gives other values
+
+
 def test_fused_backward_twice_is_an_error_not_a_double_scaling():
     h, head, labels, weights = make_row(12, vocab=9, hidden=4, seed=13)
     h.requires_grad_(True)

@@ -337,3 +337,21 @@ def test_nothing_left_to_train_on_is_an_error_after_the_report(tmp_path, tokeniz
     assert code == 2 and "no conversation left to train on" in captured.err
     assert "zero_weight 1" in captured.out
     assert not os.path.exists(tmp_path / "prepared")
+
+
+def test_data_generate_writes_missing_sources_first(tmp_path, tokenizer_dir, capsys):
+    target = tmp_path / "made.jsonl"
+    record = json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    script = tmp_path / "make.py"
+    script.write_text(f"open({str(target)!r}, 'w').write({record!r} + '\\n')\n")
+    recipe_path = write_recipe(tmp_path, tokenizer_dir, [{"name": "s", "path": str(target)}],
+                               extra=f"  generate: {json.dumps(sys.executable + ' ' + str(script))}\n")
+    assert main(["prepare", recipe_path]) == 0
+    assert "running data.generate" in capsys.readouterr().out
+    assert load_prepared(load_recipe(recipe_path))["index"] == [0]
+
+    target.unlink()
+    failing = write_recipe(tmp_path, tokenizer_dir, [{"name": "s", "path": str(target)}],
+                           extra="  generate: exit 3\n", name="failing.yaml")
+    code, err = _run_cli(["prepare", failing], capsys)
+    assert code == 2 and "failing.yaml:" in err and "data.generate" in err and "exit code 3" in err
