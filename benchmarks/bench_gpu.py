@@ -25,8 +25,8 @@ where ``N_layers`` is the parameter count of the decoder layers, ``T`` the real 
 them; here S = T − number of conversations), ``H`` the hidden size (= query heads x head dim) and ``P`` the number
 of (query, key) pairs attended: ``Σ_conversations Σ_{i<L} min(i + 1, window)`` (causal, per conversation, within
 the sliding window). ``12 · H · P`` per layer is the forward's 2 matmuls (QKᵀ and AV, 2 FLOPs per multiply-add)
-times 3 for forward + backward. Recomputation (activation checkpointing, and the chunked loss's second
-``lm_head`` pass) is not counted: MFU counts the model's FLOPs, not the hardware's.
+times 3 for forward + backward. Recomputation (activation checkpointing) is not counted: MFU counts the model's
+FLOPs, not the hardware's. (The fused chunked loss computes its gradients in the forward, with no second pass.)
 
 Memory: ``--layers auto`` estimates how many layers fit without activation checkpointing from the free memory
 (20 B/parameter of state plus ~2.2 GB of activations per layer per 8k row), then steps down one layer at a time

@@ -46,7 +46,8 @@ Memory and time
     hold. Any other ``lm_head`` (a ``Linear`` subclass with its own ``forward``, an adapter, a module whose
     ``forward`` was replaced by hooks such as accelerate's) takes the fallback: per chunk ``lm_head`` and the fp32
     cross-entropy under activation checkpointing, which recomputes each chunk's logits in the backward (a fourth
-    big matmul, ~15% slower) with 3 to 5 fp32 copies of a chunk's logits alive at once.
+    big matmul) with 3 to 5 fp32 copies of a chunk's logits alive at once. ``benchmarks/RESULTS.md`` (section 2)
+    measures both against the naive version: fused 0.90x its time, checkpointed 1.2-1.4x, every position weighted.
 
 Metrics
     :func:`per_condition_sums` turns a row's per-token CE, correctness and weights into one tensor of sums per
@@ -309,7 +310,8 @@ def chunked_weighted_cross_entropy(
             different number of times would hang); use :func:`num_chunks_for` to choose it. The fused path calls
             ``lm_head`` once per row anyway, so there it only sets the chunk size.
         method: ``"fused"`` (gradients computed in the forward; ``lm_head`` must be a plain ``nn.Linear``),
-            ``"checkpoint"`` (any ``lm_head``, ~15% slower), or ``"auto"``: fused when ``lm_head`` allows it.
+            ``"checkpoint"`` (any ``lm_head``; recomputes each chunk's logits in the backward, ~1.5x the fused
+            path's time), or ``"auto"``: fused when ``lm_head`` allows it.
 
     Returns:
         A :class:`LossParts` whose ``weighted_ce_sum`` is ``Σ w_t · CE_t`` accumulated in fp32. On the fused path
