@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train a recipe on every rank: `crlft prepare` once (it skips when the dataset is up to date), then DeepSpeed.
+# Train a recipe on every rank: `crlft prepare` once (it skips when the dataset is up to date), then DeepSpeed,
+# then `crlft eval` when the recipe has held-out prompts (eval.prompts).
 #
 #   ./launch.sh [--num_gpus N] [--hostfile H] [other deepspeed launcher options] RECIPE.yaml [section.key=value ...]
 #
@@ -75,5 +76,11 @@ deepspeed_bin="$(dirname "$(command -v "$PYTHON")")/deepspeed"
 if [[ ! -x "$deepspeed_bin" ]]; then
     deepspeed_bin="deepspeed"
 fi
-exec "$deepspeed_bin" ${launcher_args[@]+"${launcher_args[@]}"} --module crlft.train "$recipe" \
+"$deepspeed_bin" ${launcher_args[@]+"${launcher_args[@]}"} --module crlft.train "$recipe" \
     ${overrides[@]+"${overrides[@]}"}
+
+# Recipes with held-out prompts (eval.prompts) end with their exact-match accuracy under each condition.
+if "$PYTHON" -c 'import sys; from crlft.config import load_recipe; sys.exit(0 if load_recipe(sys.argv[1], sys.argv[2:]).eval.prompts else 1)' \
+        "$recipe" ${overrides[@]+"${overrides[@]}"} 2>/dev/null; then
+    "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"}
+fi

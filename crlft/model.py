@@ -238,7 +238,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     model.train()
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        f"model: {model_dir} ({model.config.model_type}), {num_params / 1e9:.2f}B parameters, {dtype}, "
+        f"model: {model_dir} ({model.config.model_type}), {num_params / 1e6:,.1f}M parameters, {dtype}, "
         f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
     )
     return model

@@ -1,25 +1,36 @@
 """Write a synthetic mixed-quality ShareGPT dataset whose answers can be checked exactly.
 
-Three tasks a tiny model learns in minutes (multi-digit addition, sorting digits, reversing a word list) are
-answered by two sources, like the GPT-4 / GPT-3.5 mix C-RLFT was made for:
+A task a tiny model learns in minutes on a CPU ("Sort the digits of 53917." -> "13579") is answered by two sources,
+like the GPT-4 / GPT-3.5 mix C-RLFT was made for:
 
 * ``expert.jsonl``: always correct (``model: gpt-4``; train it with condition ``GPT4`` and reward 1.0);
 * ``suboptimal.jsonl``: wrong for a set share of its answers (``model: gpt-3.5-turbo``; condition ``GPT3``,
   reward 0.1), correct otherwise;
-* ``eval.jsonl``: held-out prompts with their exact answer, none of them a training prompt.
+* ``eval.jsonl``: held-out prompts with their exact answer (``{"id", "task", "prompt", "answer"}``), none of them
+  a training prompt.
 
-The sub-optimal source's mistakes are *systematic*: each is a plausible bug that maps a prompt to one
-predictable wrong answer (addition that forgets its carries, an insertion sort that never inserts the last digit,
-a reversal loop that stops one word early). Random slips (a digit off by one at a random place) would spread over many wrong answers,
-so the correct one stays the most likely and plain SFT on everything would lose little under greedy decoding;
-a repeatable bug is what outweighs the correct answer when the sources are mixed, and what the source condition
-can learn to switch off. ``--error-style random`` writes such random slips instead, to show that difference.
+Why the sub-optimal answers are wrong the way they are
+    Each wrong answer comes from one repeatable, plausible bug: an off-by-one loop bound that drops the last item
+    (the largest digit of a sort, the first word of a reversal) or an answer off by one (addition). Two properties
+    make C-RLFT's effect visible in miniature:
+
+    * *Systematic*: a bug maps a prompt to one predictable wrong answer. With 85% sub-optimal data wrong 80% of the
+      time, the bug's answer outweighs the correct one in the mixed data (0.68 vs 0.32), so plain SFT on everything
+      learns the bug, while the source condition can learn to switch it off. Random slips (``--error-style
+      random``: a digit off by one or two neighbours swapped, at a random place) spread over many wrong answers,
+      the correct one stays the most likely, and greedy decoding after plain SFT loses little.
+    * *Late*: the wrong answer agrees with the correct one up to its last token, so the sub-optimal data still
+      teaches the whole skill except that token. An early bug (e.g. an insertion sort that never inserts the last
+      digit) conflicts with the correct answer in the middle and slowed the conditioned model's learning badly.
 
 Usage::
 
-    python data_prep/make_mixed_quality.py --out DIR --num-conversations 6000 --expert-fraction 0.15 --seed 0
+    python data_prep/make_mixed_quality.py --out DIR --num-conversations 2000 --expert-fraction 0.15 --seed 0
 
 ``score(eval_record, completion)`` is the exact-match checker (whitespace normalised) for ``eval.jsonl`` records.
+Tasks: ``sort`` (the default; 4 to 6 digits), ``add`` (two numbers of 2 or 3 digits) and ``reverse`` (3 to 6
+words). A 2-layer model learns sorting digits within ~1,000 small steps; in the same budget it learned next to
+nothing of addition or reversal, and mixing a second task halved its accuracy, so the demo uses ``sort`` alone.
 """
 
 from __future__ import annotations
@@ -27,26 +38,27 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-TASKS = ("add", "sort", "reverse")
+TASKS = ("sort", "add", "reverse")
+DEFAULT_TASKS = ("sort",)
 ERROR_STYLES = ("systematic", "random")
 
 EXPERT_MODEL = "gpt-4"
 SUBOPTIMAL_MODEL = "gpt-3.5-turbo"
 
-# Single-token Mistral words, so a reversal answer costs one token per word.
 WORDS = (
     "cat dog sun moon tree fish bird car book door hand star rain snow fire road ship king milk baby "
     "red blue green black white gold happy cold hot big small old new fast slow dark light water stone wood "
     "house river horse apple bread music paper table glass chair"
 ).split()
 
-# Task sizes: small enough for a 2-layer model trained for a few minutes on a CPU.
+# Task sizes. Digits and these words are one token each in Mistral's tokenizer, so answers stay short.
 ADD_OPERAND_RANGES = ((10, 99), (100, 999))  # each operand is drawn from one of these ranges
-SORT_NUM_DIGITS = (4, 5, 6)  # digits, not numbers, are sorted: one token each, so answers stay short
+SORT_NUM_DIGITS = (4, 5, 6)
 REVERSE_LIST_LENGTHS = (3, 4, 5, 6)
 
 
@@ -101,7 +113,7 @@ def _sort_correct(digits: str) -> str:
 
 def _sort_stops_early(digits: str) -> str:
     """Off-by-one loop bound: the sorted digits without the last (largest) one."""
-    return "".join(sorted(digits))[:-1]
+    return _sort_correct(digits)[:-1]
 
 
 def _reverse_correct(words: list[str]) -> str:
@@ -141,12 +153,11 @@ def _slip_adjacent_swap(items: list[str], rng: random.Random) -> list[str] | Non
 
 
 def _wrong_answer(task: str, payload, correct: str, style: str, rng: random.Random) -> str:
-    """A wrong answer for a sub-optimal record; the systematic bug first, a random slip when the bug is harmless."""
+    """A wrong answer for a sub-optimal record: the task's bug, or a random slip for ``style="random"``."""
     if style == "systematic":
-        bug = {"add": _add_off_by_one, "sort": _sort_stops_early, "reverse": _reverse_stops_early}[task]
-        wrong = bug(payload)
-        if wrong != correct:
-            return wrong
+        wrong = BUGS[task](payload)
+        assert wrong != correct, (task, payload)  # every bug drops or changes a token
+        return wrong
     if task == "reverse":
         return " ".join(_slip_adjacent_swap(correct.split(" "), rng))  # the words of a prompt are distinct
     if task == "sort":
@@ -157,11 +168,26 @@ def _wrong_answer(task: str, payload, correct: str, style: str, rng: random.Rand
 
 
 SAMPLERS: dict[str, Callable[[random.Random], tuple[str, object]]] = {
-    "add": _sample_add,
     "sort": _sample_sort,
+    "add": _sample_add,
     "reverse": _sample_reverse,
 }
-CORRECT: dict[str, Callable[[object], str]] = {"add": _add_correct, "sort": _sort_correct, "reverse": _reverse_correct}
+CORRECT: dict[str, Callable] = {
+    "sort": _sort_correct,
+    "add": _add_correct,
+    "reverse": _reverse_correct,
+}
+BUGS: dict[str, Callable] = {
+    "sort": _sort_stops_early,
+    "add": _add_off_by_one,
+    "reverse": _reverse_stops_early,
+}
+# How to read a task's payload back from its prompt (for solve()).
+PROMPT_PATTERNS: dict[str, tuple[re.Pattern, Callable]] = {
+    "sort": (re.compile(r"Sort the digits of (\d+)\."), lambda m: m[1]),
+    "add": (re.compile(r"What is (\d+) \+ (\d+)\?"), lambda m: (int(m[1]), int(m[2]))),
+    "reverse": (re.compile(r"Reverse the order of the words: (\w+(?: \w+)*)"), lambda m: m[1].split(" ")),
+}
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -203,7 +229,7 @@ def make_mixed_quality(
     suboptimal_error_rate: float = 0.8,
     num_eval: int = 300,
     seed: int = 0,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = DEFAULT_TASKS,
     error_style: str = "systematic",
 ) -> dict[str, list[dict]]:
     """Build the three splits in memory.
@@ -298,18 +324,10 @@ def solve(prompt: str) -> str:
     Raises:
         ValueError: If the prompt is not one of this generator's task prompts.
     """
-    try:
-        if prompt.startswith("What is ") and prompt.endswith("?"):
-            a, b = prompt[len("What is ") : -1].split(" + ")
-            return _add_correct((int(a), int(b)))
-        if prompt.startswith("Sort the digits of ") and prompt.endswith("."):
-            digits = prompt[len("Sort the digits of ") : -1]
-            if digits.isdigit():
-                return _sort_correct(digits)
-        if prompt.startswith("Reverse the order of the words: "):
-            return _reverse_correct(prompt[len("Reverse the order of the words: ") :].split())
-    except ValueError:  # a number that does not parse: fall through to the error below
-        pass
+    for task, (pattern, payload_of) in PROMPT_PATTERNS.items():
+        match = pattern.fullmatch(prompt)
+        if match:
+            return CORRECT[task](payload_of(match))
     raise ValueError(f"not a prompt of make_mixed_quality: {prompt!r}")
 
 
@@ -317,11 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry: write ``expert.jsonl``, ``suboptimal.jsonl`` and ``eval.jsonl`` into ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
-    parser.add_argument("--num-conversations", type=int, default=6000, help="training conversations in total")
+    parser.add_argument("--num-conversations", type=int, default=2000, help="training conversations in total")
     parser.add_argument("--expert-fraction", type=float, default=0.15)
     parser.add_argument("--suboptimal-error-rate", type=float, default=0.8, help="share of wrong sub-optimal answers")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out prompts")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--error-style", choices=ERROR_STYLES, default="systematic")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
