@@ -69,6 +69,12 @@ fi
 if [[ -n "$num_gpus" ]]; then
     launcher_args+=(--num_gpus "$num_gpus")
 fi
+# One node and no port given: take a free one instead of DeepSpeed's fixed 29500, so that two runs on one machine
+# (a benchmark next to a demo, two users) do not collide at rendezvous.
+case " ${launcher_args[*]-} " in
+    *" --master_port"*|*" -H "*|*" --hostfile"*|*" --num_nodes"*) ;;
+    *) launcher_args+=(--master_port "$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')") ;;
+esac
 
 "$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
 
