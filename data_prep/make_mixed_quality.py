@@ -344,15 +344,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    splits = make_mixed_quality(
-        num_conversations=args.num_conversations,
-        expert_fraction=args.expert_fraction,
-        suboptimal_error_rate=args.suboptimal_error_rate,
-        num_eval=args.num_eval,
-        seed=args.seed,
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        error_style=args.error_style,
-    )
+    try:
+        splits = make_mixed_quality(
+            num_conversations=args.num_conversations,
+            expert_fraction=args.expert_fraction,
+            suboptimal_error_rate=args.suboptimal_error_rate,
+            num_eval=args.num_eval,
+            seed=args.seed,
+            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+            error_style=args.error_style,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in splits.items():

@@ -155,6 +155,10 @@ def test_cli_writes_three_sharegpt_files(tmp_path):
     first = json.loads(files["expert"][0])
     assert set(first) == {"id", "model", "conversations"} and first["model"] == "gpt-4"
     assert set(json.loads(files["eval"][0])) == {"id", "task", "prompt", "answer"}
+    bad = subprocess.run(
+        [sys.executable, SCRIPT, "--out", str(out), "--tasks", "sort,divide"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown ['divide']" in bad.stderr
     # Deterministic on disk too.
     again = tmp_path / "again"
     subprocess.run(
