@@ -29,6 +29,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a clone without `pip install -e .`: the runs below get it on PYTHONPATH too
 DEMO = os.path.join(ROOT, "recipes", "demo.yaml")
 METHODS = ("sft_all", "sft_expert", "crlft")
 

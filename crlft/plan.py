@@ -30,9 +30,11 @@ The activation estimate counts what autograd keeps per token per decoder layer (
 MLP width I): the fp32 input copy and the output of both RMSNorms (2·(4h + b·h)), q, k, v and the attention output
 (2·b·h + 2·b·h_kv), and the four MLP tensors of width I (4·b·I); with b = 2 that is ``16h + 4h_kv + 8I`` bytes.
 Without checkpointing every layer keeps that: ``L·T·(per layer)``. With checkpointing only each layer's input is
-kept (``L·T·h·b``) plus one layer's worth recomputed in the backward (``T·(per layer)``). The chunked loss adds
-about ``3·chunk_tokens·V·4`` bytes. Real use is within a few GB of this: allocator fragmentation, the CUDA context
-(~1 GB) and kernel workspaces come on top.
+kept (``L·T·h·b``) plus one layer's worth recomputed in the backward (``T·(per layer)``). The trainer's fused
+chunked loss (:mod:`crlft.loss`, the path a Mistral takes) adds two fp32 copies of one chunk's logits
+(``2·chunk_tokens·V·4``) and the gradients it computes in the forward and keeps for the backward: ``grad_W``
+(``V·h·b``) and ``grad_h`` (``T·h·b``); its checkpointed fallback adds about ``3·chunk_tokens·V·4``. Real use is
+within a few GB of this: allocator fragmentation, the CUDA context (~1 GB) and kernel workspaces come on top.
 """
 
 from __future__ import annotations
@@ -247,9 +249,26 @@ def model_size(recipe: Recipe) -> ModelSize:
 
 
 def activation_bytes(
-    config: Any, num_tokens: int, gradient_checkpointing: bool, bytes_per_value: int = 2, chunk_tokens: int = 4096
+    config: Any,
+    num_tokens: int,
+    gradient_checkpointing: bool,
+    bytes_per_value: int = 2,
+    chunk_tokens: int = 4096,
+    loss_method: str = "fused",
 ) -> int:
-    """Activation memory of one packed row of ``num_tokens`` tokens (formula in the module docstring)."""
+    """Activation memory of one packed row of ``num_tokens`` tokens (formula in the module docstring).
+
+    Args:
+        config: the model's Hugging Face config.
+        num_tokens: tokens of the packed row (``train.batch_max_len``).
+        gradient_checkpointing: whether each decoder layer is recomputed in the backward.
+        bytes_per_value: 2 for bf16/fp16 activations, 4 for fp32.
+        chunk_tokens: supervised targets per chunk of the loss.
+        loss_method: ``"fused"`` (what ``auto`` picks for a plain ``nn.Linear`` lm_head) or ``"checkpoint"``.
+
+    Returns:
+        Bytes.
+    """
     h = int(config.hidden_size)
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
@@ -262,7 +281,11 @@ def activation_bytes(
         kept = num_layers * num_tokens * h * b + num_tokens * per_token_layer
     else:
         kept = num_layers * num_tokens * per_token_layer
-    loss = 3 * min(chunk_tokens, num_tokens) * int(config.vocab_size) * 4
+    chunk_logits = min(chunk_tokens, num_tokens) * int(config.vocab_size) * 4  # one fp32 copy of a chunk's logits
+    if loss_method == "checkpoint":
+        loss = 3 * chunk_logits
+    else:
+        loss = 2 * chunk_logits + int(config.vocab_size) * h * b + num_tokens * h * b  # + grad_W + grad_h
     return kept + loss
 
 

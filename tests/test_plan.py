@@ -124,10 +124,13 @@ def test_activation_formula(mistral_7b_dir):
 
     config = AutoConfig.from_pretrained(mistral_7b_dir)
     per_token_layer = 16 * 4096 + 4 * 1024 + 8 * 14336  # bf16: norms, q/k/v/out, four MLP tensors
-    loss = 3 * 4096 * 32000 * 4
     tokens = 77824
+    # Fused loss: two fp32 copies of a 4096-target chunk's logits, grad_W [V, h] and grad_h [T, h] in bf16.
+    loss = 2 * 4096 * 32000 * 4 + 32000 * 4096 * 2 + tokens * 4096 * 2
     assert activation_bytes(config, tokens, False) == 32 * tokens * per_token_layer + loss
     assert activation_bytes(config, tokens, True) == 32 * tokens * 4096 * 2 + tokens * per_token_layer + loss
+    checkpointed = activation_bytes(config, tokens, True, loss_method="checkpoint")
+    assert checkpointed == 32 * tokens * 4096 * 2 + tokens * per_token_layer + 3 * 4096 * 32000 * 4
 
 
 def test_dataset_token_counts():
