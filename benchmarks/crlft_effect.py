@@ -68,14 +68,14 @@ def run_overrides(method: str, seed: int, work_dir: str, epochs: int, max_steps:
 
 
 def steps_per_epoch(recipe_overrides: list[str]) -> int:
-    """Optimizer steps of one epoch of a prepared run (2 ranks), from the packing plan of its dataset."""
+    """Optimizer steps of one epoch of a prepared run on launch.sh's 2 CPU ranks (what `crlft plan` reports)."""
     from crlft.config import load_recipe
-    from crlft.data import load_prepared
-    from crlft.packing import plan_epoch
+    from crlft.plan import data_plan
 
-    recipe = load_recipe(DEMO, recipe_overrides)
-    lengths = load_prepared(recipe, check=False)["length"]
-    return len(plan_epoch(lengths, recipe.train.batch_max_len, 2, recipe.train.seed, 0))
+    plan = data_plan(load_recipe(DEMO, recipe_overrides), num_gpus=2)
+    if not plan.prepared:
+        raise RuntimeError(f"the run's dataset is not prepared: {plan.message}")
+    return plan.steps_per_epoch
 
 
 def main(argv: list[str] | None = None) -> int:

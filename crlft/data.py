@@ -116,17 +116,8 @@ def _finish(record: dict[str, Any], messages: list[Message], system_parts: list[
     if system is not None:
         system_parts.insert(0, _text(system, "system"))
     condition = record.get("condition")
-    if condition is None:
-        condition = ""
-    elif condition.__class__ is not str:
-        _text(condition, "condition")  # raises
-    if not system_parts:
-        system = ""
-    elif len(system_parts) == 1:
-        system = system_parts[0]
-    else:
-        system = "\n\n".join(p for p in system_parts if p)
-    return Conversation(messages, system, condition)
+    condition = "" if condition is None else _text(condition, "condition")
+    return Conversation(messages, "\n\n".join(p for p in system_parts if p), condition)
 
 
 def _message_list(
