@@ -73,7 +73,7 @@ fi
 # (a benchmark next to a demo, two users) do not collide at rendezvous.
 case " ${launcher_args[*]-} " in
     *" --master_port"*|*" -H "*|*" --hostfile"*|*" --num_nodes"*) ;;
-    *) launcher_args+=(--master_port "$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')") ;;
+    *) launcher_args+=(--master_port "$("$PYTHON" -c 'from crlft.dist import free_port; print(free_port())' 2>/dev/null)") ;;
 esac
 
 "$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}

@@ -65,8 +65,9 @@ from crlft.attention import (  # noqa: E402
     packed_attention_kwargs,
     register_varlen_attention,
 )
+from crlft.collate import pack_row  # noqa: E402
 from crlft.loss import causal_lm_loss_parts  # noqa: E402
-from crlft.packing import pack_row, plan_epoch  # noqa: E402
+from crlft.packing import plan_epoch  # noqa: E402
 
 MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
               "vocab_size": 32002, "sliding_window": 4096}

@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # crlft, from a checkout
-from crlft.packing import EpochPlan, PackedLoader, plan_epoch, plan_stats  # noqa: E402
+from crlft.loader import PackedLoader  # noqa: E402
+from crlft.packing import EpochPlan, plan_epoch, plan_stats  # noqa: E402
 
 
 def lognormal_lengths(num_conversations: int, rng: np.random.Generator) -> np.ndarray:

@@ -60,8 +60,8 @@ def synthetic_records(num_conversations: int, seed: int) -> list[dict]:
 
 def plain_loop(path: str, tokenizer, template: str, max_context: int) -> tuple[int, int]:
     """One conversation at a time in this process: parse, convert, render, truncate, trim. → (rows, tokens)."""
-    from crlft.data import FORMATS
-    from crlft.templates import render
+    from crlft.formats import FORMATS
+    from crlft.render import render
 
     convert = FORMATS["openchat"]
     rows = tokens = 0
@@ -142,8 +142,9 @@ def main() -> None:
     import datasets
 
     from crlft.config import load_recipe
-    from crlft.data import _TOKENIZER_CACHE, _default_num_proc, prepare
-    from crlft.templates import TEMPLATES, build_tokenizer, load_tokenizer
+    from crlft.prepare import _TOKENIZER_CACHE, _default_num_proc, prepare
+    from crlft.templates import TEMPLATES
+    from crlft.tokenizer import build_tokenizer, load_tokenizer
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()

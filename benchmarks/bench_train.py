@@ -55,8 +55,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from crlft.attention import choose_attn_implementation, packed_attention_kwargs  # noqa: E402
+from crlft.collate import IGNORE_INDEX  # noqa: E402
+from crlft.loader import PackedLoader  # noqa: E402
 from crlft.loss import causal_lm_loss_parts  # noqa: E402
-from crlft.packing import IGNORE_INDEX, PackedLoader  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared by the benchmarks: machine description and peak memory

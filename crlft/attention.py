@@ -1,45 +1,8 @@
 """Attention for packed rows: which kernel to use, and a padding-free varlen kernel transformers can call.
 
-A packed row holds several conversations back to back, with ``position_ids`` restarting at 0 for each and
-``cu_seqlens`` marking the boundaries (see :func:`crlft.packing.pack_row`). Each conversation must attend only to
-itself. How the backends transformers 5.x offers handle such a row (read from ``masking_utils.py``,
-``modeling_flash_attention_utils.py`` and ``integrations/*.py``), given ``use_cache=False`` and no
-``attention_mask``:
-
-=====================  ====================================================================  ==================
-backend                how the conversations are kept apart                                  cost per row
-=====================  ====================================================================  ==================
-``flash_attention_2``  flash-attn's varlen kernel; ``cu_seqlens`` from the ``cu_seq_lens_*``  O(Σ L²), no mask
-                       keyword arguments (or inferred from ``position_ids`` in every layer)
-``crlft_varlen``       this module: PyTorch's own varlen FlashAttention kernel               O(Σ L²), no mask
-                       (``torch.nn.attention.varlen.varlen_attn``) fed by ``cu_seqlens``;
-                       where that kernel cannot run (CPU, fp32) one SDPA call per
-                       conversation
-``flex_attention``     ``masking_utils`` finds the segments in ``position_ids`` and builds   O(Σ L²) blocks +
-                       a document-causal ``BlockMask``; fully masked blocks are skipped       a (T/128)² index
-``sdpa`` / ``eager``   ``masking_utils`` builds a dense ``[1, 1, T, T]`` block-diagonal      O(T²) memory and
-                       causal mask                                                           compute
-=====================  ====================================================================  ==================
-
-For a 77,824-token row the dense mask alone is 6 GB (bool) and the attention does ``T / mean length`` times the
-necessary work, so ``auto`` never picks ``sdpa`` or ``eager`` for training. Its order, fastest first
-(``benchmarks/bench_gpu.py`` times every available one):
-
-* CUDA, bf16/fp16: ``flash_attention_2`` if the ``flash_attn`` package is installed, else ``crlft_varlen``
-  (PyTorch's FlashAttention-2 kernel, compute capability ≥ 8.0), else ``flex_attention``.
-* CUDA, fp32 (FlashAttention needs half precision): ``flex_attention``, else ``crlft_varlen`` (SDPA per
-  conversation).
-* CPU and other devices: ``crlft_varlen`` (SDPA per conversation; FlexAttention has no backward on CPU in
-  torch 2.13, and PyTorch's varlen kernel is CUDA-only). On 9,728-token rows it trains 2.7x faster than
-  ``sdpa``'s dense mask (``benchmarks/bench_train.py --dense-sdpa``, ``benchmarks/RESULTS.md``).
-
-``crlft_varlen`` is registered with transformers' ``AttentionInterface`` under that name, so a model uses it
-through ``attn_implementation="crlft_varlen"`` like any built-in backend. Because the name is not one of
-``masking_utils``' mask types, transformers builds no mask at all for it: the kernel takes the conversation
-boundaries from the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments (the same ones transformers'
-flash_attention_2 reads), or finds them in ``position_ids`` when they are not given. The same reason means a 2-D
-padding ``attention_mask`` given to the model is dropped by transformers for this backend: it is for packed (or
-unpadded) training rows, and generation loads the model with ``sdpa`` (the backend is not saved in config.json).
+Each conversation of a packed row must attend only to itself; ``auto`` never picks a backend that builds a dense
+``[T, T]`` mask for training. The backends, how each keeps conversations apart, and the order ``auto`` tries them
+are in ``docs/design.md`` ("Attention backends").
 """
 
 from __future__ import annotations
@@ -52,7 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
+from crlft.collate import flash_attention_kwargs
 from crlft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +56,6 @@ def _flash_attn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """flash-attn (the package) runs here: CUDA, half precision, and transformers finds it importable."""
     if device.type != "cuda" or dtype not in _HALF_DTYPES or importlib.util.find_spec("flash_attn") is None:
         return False
-    from transformers.utils import is_flash_attn_2_available
 
     return bool(is_flash_attn_2_available())
 
@@ -109,7 +74,6 @@ def _flex_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """FlexAttention can train here: it compiles to Triton on CUDA; on CPU torch 2.13 has no backward for it."""
     if device.type != "cuda":
         return False
-    from transformers.utils import is_torch_flex_attn_available
 
     return bool(is_torch_flex_attn_available())
 
@@ -221,7 +185,7 @@ def packed_attention_kwargs(
     ``use_cache=False``, which :func:`crlft.loss.causal_lm_loss_parts` always passes.
 
     Args:
-        row: a packed row from :func:`crlft.packing.pack_row`.
+        row: a packed row from :func:`crlft.collate.pack_row`.
         attn_implementation: the name :func:`choose_attn_implementation` returned.
         device: the model's device.
 
@@ -229,8 +193,6 @@ def packed_attention_kwargs(
         A dict to splat into ``causal_lm_loss_parts(model, row, **kwargs)`` or the decoder's forward.
     """
     if attn_implementation in _VARLEN_KWARGS_BACKENDS:
-        from crlft.packing import flash_attention_kwargs
-
         return flash_attention_kwargs(row, device)
     return {}
 
@@ -246,8 +208,6 @@ def register_varlen_attention() -> str:
     Returns:
         The registered name, :data:`VARLEN_ATTENTION`.
     """
-    from transformers import AttentionInterface
-
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     return VARLEN_ATTENTION
 

@@ -1,4 +1,4 @@
-"""Checkpoints (save, find the newest complete one, resume) and export to a Hugging Face model directory.
+"""Checkpoints: save (every rank), find the newest complete one, check that a recipe may resume from it.
 
 Layout of a run directory (``train.output_dir``)::
 
@@ -12,25 +12,13 @@ Layout of a run directory (``train.output_dir``)::
         *_optim_states.pt               DeepSpeed: one ZeRO shard of the optimizer (fp32 master weights, moments)
     export/epoch_1/ ... export/final/   Hugging Face model directories (safetensors + tokenizer)
 
-Crash safety. A checkpoint is written as ``step_N.tmp`` by every rank (DeepSpeed's ``save_checkpoint``), then
-rank 0 adds ``COMPLETE`` and renames the directory to ``step_N`` once every rank is done (a barrier). A crash at
-any moment therefore leaves either the previous complete checkpoints untouched plus a ``.tmp`` directory that is
-ignored (and replaced by the next save of that step), or the new complete one. Older checkpoints beyond
-``keep_last`` are deleted only after the new one is complete. Exports are written the same way
-(``NAME.tmp`` → ``NAME``).
-
-Export. ``export_checkpoint`` consolidates the weights from the checkpoint's ZeRO shards with DeepSpeed's
-``zero_to_fp32`` (lazily: the fp32 master weights only, one tensor at a time, no optimizer moments), casts them to
-the training dtype and writes ``model.safetensors`` (sharded when large) next to the ``hf/`` files. The trainer
-exports from the checkpoint it just wrote, and ``crlft export CHECKPOINT OUT`` runs the very same function, so
-both give identical directories; it needs neither GPUs nor the ranks that trained.
+Why a crash at any moment leaves a resumable run is in ``docs/design.md`` ("Checkpoints").
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
+import hashlib
 import json
 import os
 import random
@@ -41,8 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
+from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.prepare import META_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
@@ -221,7 +212,7 @@ def _rng_file(checkpoint: str, rank: int) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, data: Any) -> None:
+def write_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.flush()
@@ -233,12 +224,10 @@ def save_hf_files(model: Any, tokenizer: Any, template: Any, out_dir: str) -> No
 
     Args:
         model: the Hugging Face model (its config; the weights are not written).
-        tokenizer: the training tokenizer (from ``crlft.templates.load_tokenizer``: chat_template, eos = end of turn).
+        tokenizer: the training tokenizer (from ``crlft.tokenizer.load_tokenizer``: chat_template, eos = end of turn).
         template: the ``crlft.templates.Template``.
         out_dir: the directory to fill.
     """
-    from transformers import GenerationConfig
-
     os.makedirs(out_dir, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.use_cache = True  # training turns the KV cache off; generation wants it
@@ -289,10 +278,10 @@ def save_checkpoint(
     torch.save(rng_state(), _rng_file(tmp, rank))
     if rank == 0:
         hf_files(os.path.join(tmp, HF_FILES_DIR))
-        _write_json(os.path.join(tmp, TRAINER_STATE_FILE), {"version": TRAINER_STATE_VERSION, **trainer_state})
+        write_json(os.path.join(tmp, TRAINER_STATE_FILE), {"version": TRAINER_STATE_VERSION, **trainer_state})
     barrier()  # every rank's shard and RNG file is written
     if rank == 0:
-        _write_json(os.path.join(tmp, COMPLETE_MARKER), {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json(os.path.join(tmp, COMPLETE_MARKER), {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if os.path.isdir(final):  # a step re-done after resuming from an older checkpoint path
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -338,169 +327,66 @@ def _fsync_dir(path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Export
+# Resume fingerprint
 # --------------------------------------------------------------------------------------------------------------
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
+def data_fingerprint(data_dir: str) -> str:
+    """A hash of what the prepared dataset was made from (its ``crlft_meta.json`` inputs).
 
-def consolidated_state_dict(checkpoint: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The full model weights of a checkpoint, consolidated from its ZeRO shards, in ``dtype``, Hugging Face names.
-
-    ZeRO stages 1-3: the fp32 master weights via DeepSpeed's ``zero_to_fp32`` (lazy: optimizer moments are never
-    loaded). Stage 0: the module weights DeepSpeed saved.
+    File modification times and the crlft version are left out: touching a file, or upgrading crlft, without
+    changing the rows must not block a resume (the loader also checks the rows' lengths).
     """
-    state = read_trainer_state(checkpoint)
-    prefix = state.get("param_prefix", "")
-    root, tag = os.path.split(os.path.normpath(checkpoint))
-    optim_files = [f for f in os.listdir(checkpoint) if f.endswith("_optim_states.pt")]
-    if optim_files and state.get("zero_stage", 1) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 prints its progress; the caller logs one line instead.
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-            lazy = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True)
-        tensors = {}
-        shared: dict[int, str] = {}
-        for name, lazy_tensor in lazy.items():
-            key = name[len(prefix):] if name.startswith(prefix) else name
-            if id(lazy_tensor) in shared:  # tied weights stay one tensor
-                tensors[key] = tensors[shared[id(lazy_tensor)]]
-                continue
-            shared[id(lazy_tensor)] = key
-            tensors[key] = lazy_tensor.contiguous().to(dtype)
-        return tensors
-    module = torch.load(os.path.join(checkpoint, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v.to(dtype) for k, v in module.items()}
+    with open(os.path.join(data_dir, META_FILE), encoding="utf-8") as f:
+        inputs = json.load(f).get("inputs", {})
+    inputs = dict(inputs)
+    inputs.pop("crlft_version", None)
+    for source in inputs.get("sources", []):
+        if isinstance(source.get("file"), dict):
+            source["file"].pop("mtime_ns", None)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, log=print) -> str:
-    """Write a Hugging Face model directory from a crlft checkpoint.
+def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run resuming from it.
 
-    The directory holds ``model.safetensors`` (sharded above 5 GB), ``config.json``, ``generation_config.json``
-    (eos = the template's end-of-turn token), the tokenizer with the template's ``chat_template``, and
-    ``crlft_export.json`` (where it came from). It is written as ``OUT.tmp`` and renamed, so it is never half
-    there; an existing ``OUT`` is replaced.
-
-    Args:
-        checkpoint: a complete checkpoint directory (``.../checkpoints/step_N``).
-        out_dir: the directory to write.
-        dtype: ``bfloat16``, ``float32`` or ``float16``; default: the training dtype.
-        log: where the progress line goes.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        UserError: not a complete crlft checkpoint, or an unknown dtype.
+    The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
+    (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
+    normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not is_complete(checkpoint):
-        raise UserError(f"{checkpoint}: not a complete crlft checkpoint (a step_N directory with {COMPLETE_MARKER})")
-    state = read_trainer_state(checkpoint)
-    dtype_name = dtype or state.get("dtype", "bfloat16")
-    if dtype_name not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype_name!r}; one of {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype_name]
-    t0 = time.perf_counter()
-    hf_dir = os.path.join(checkpoint, HF_FILES_DIR)
-    tensors = consolidated_state_dict(checkpoint, torch_dtype)
-    num_params = sum(t.numel() for t in {id(t): t for t in tensors.values()}.values())
-
-    out_dir = os.path.normpath(out_dir)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(hf_dir, tmp)
-    config = AutoConfig.from_pretrained(hf_dir)
-    config.dtype = torch_dtype
-    with torch.device("meta"):  # only for save_pretrained's bookkeeping: the weights come from `tensors`
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    missing = sorted(set(skeleton.state_dict()) - set(tensors))
-    unexpected = sorted(set(tensors) - set(skeleton.state_dict()))
-    if missing or unexpected:
-        raise RuntimeError(f"{checkpoint}: weights do not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # its progress bar
-        skeleton.save_pretrained(tmp, state_dict=dict(tensors), max_shard_size="5GB")
-    _write_json(os.path.join(tmp, EXPORT_INFO_FILE), {
-        "checkpoint": os.path.abspath(checkpoint),
-        "step": state.get("step"),
-        "epoch": state.get("epoch_progress"),
-        "dtype": dtype_name,
-        "template": state.get("template"),
-    })
-    _readable_by_all(tmp)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    os.replace(tmp, out_dir)
-    log(f"exported {checkpoint} → {out_dir} ({num_params / 1e6:.1f}M parameters, {dtype_name}, "
-        f"{time.perf_counter() - t0:.1f}s)")
-    return out_dir
-
-
-def _readable_by_all(directory: str) -> None:
-    """Give files the usual mode (0644 under the umask): some writers create them 0600 through temporary files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            os.chmod(path, 0o666 & ~umask)
-
-
-def link_or_copy_tree(src: str, dst: str) -> None:
-    """Copy a directory of files written once (an export) as hard links where possible, else as copies."""
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    tmp = os.path.normpath(dst) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=link)
-    if os.path.isdir(dst):
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-
-
-def export_main(argv: list[str]) -> int:
-    """``crlft export CHECKPOINT OUT [--dtype D]``: a Hugging Face model directory from any crlft checkpoint.
-
-    ``CHECKPOINT`` may also be a run directory (``train.output_dir``): its newest complete checkpoint is used.
-    """
-    parser = argparse.ArgumentParser(prog="crlft export", description=export_main.__doc__)
-    parser.add_argument("checkpoint", help="a checkpoint directory (run/checkpoints/step_N) or a run directory")
-    parser.add_argument("out", help="the Hugging Face model directory to write")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: the training dtype")
-    args = parser.parse_args(argv)
-    checkpoint = args.checkpoint
-    if not is_complete(checkpoint) and os.path.isdir(checkpoints_dir(checkpoint)):
-        latest = latest_checkpoint(checkpoint)
-        if latest is None:
-            raise UserError(f"{checkpoint}: the run has no complete checkpoint yet")
-        checkpoint = latest
-    export_checkpoint(checkpoint, args.out, dtype=args.dtype)
-    return 0
+    t = recipe.train
+    return {
+        "data": data_hash,
+        "template": recipe.model.template,
+        "dtype": recipe.model.dtype,
+        "world_size": world_size,
+        "batch_max_len": t.batch_max_len,
+        "grad_accum": t.grad_accum,
+        "seed": t.seed,
+        "epochs": t.epochs,
+        "lr": t.lr,
+        "lr_warmup_ratio": t.lr_warmup_ratio,
+        "lr_min_ratio": t.lr_min_ratio,
+        "weight_decay": t.weight_decay,
+        "betas": list(t.betas),
+        "eps": t.eps,
+        "grad_clip": t.grad_clip,
+        "loss_normalization": t.loss_normalization,
+        "zero_stage": recipe.deepspeed.zero_stage,
+    }
 
 
 __all__ = [
+    "data_fingerprint",
+    "resume_fingerprint",
     "CHECKPOINTS_DIR",
     "COMPLETE_MARKER",
     "EXPORT_DIR",
     "TRAINER_STATE_FILE",
     "check_resume_fingerprint",
     "checkpoints_dir",
-    "consolidated_state_dict",
-    "export_checkpoint",
-    "export_main",
     "is_complete",
     "latest_checkpoint",
-    "link_or_copy_tree",
     "list_checkpoints",
     "load_checkpoint",
     "read_trainer_state",

@@ -12,8 +12,10 @@ The DeepSpeed JSON is generated from the recipe by ``deepspeed_config()``; a use
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from crlft.errors import UserError
+from crlft.templates import TEMPLATES
 
 # --------------------------------------------------------------------------------------------------------------
 # The tree
@@ -289,7 +292,6 @@ class Recipe:
 
         m, d, t, ds = self.model, self.data, self.train, self.deepspeed
         need(bool(m.base), ("model", "base"), "is required (a Hugging Face model id or a local directory)")
-        from crlft.templates import TEMPLATES  # here, not at import time: keeps `crlft --help` light
 
         need(m.template in TEMPLATES, ("model", "template"),
              f"unknown template {m.template!r}; known: {', '.join(sorted(TEMPLATES))}")
@@ -635,9 +637,6 @@ def recipe_reference() -> str:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source."""
-    import ast
-    import inspect
-
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):

@@ -6,7 +6,6 @@ user of the exported directory gets, not a re-implementation of the training ren
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,8 +14,11 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.jsonl import JsonLineError, read_jsonl
 
 
 def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
@@ -29,8 +31,6 @@ def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
     Returns:
         ``(model, tokenizer)``, the model in eval mode on the GPU when there is one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"{model_dir}: not a model directory (no config.json); pass an export directory, e.g. "
                         "RUN/export/final")
@@ -108,19 +108,15 @@ def read_eval_prompts(path: str, max_samples: int | None = None) -> list[dict[st
     if not os.path.isfile(path):
         raise UserError(f"eval prompts not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_number}: malformed JSON: {e.msg}") from None
+    try:
+        for line_number, record in read_jsonl(path):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "answer" not in record:
                 raise UserError(f"{path}:{line_number}: an eval record needs a string 'prompt' and an 'answer'")
             records.append(record)
             if max_samples is not None and len(records) >= max_samples:
                 break
+    except JsonLineError as e:
+        raise UserError(f"{path}:{e.line_number}: malformed JSON: {e.reason}") from None
     return records
 
 
@@ -175,21 +171,22 @@ def format_eval_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def eval_main(argv: list[str]) -> int:
-    """``crlft eval RECIPE.yaml [section.key=value ...] [--model DIR]``: exact-match accuracy per condition."""
-    from crlft.config import load_recipe
+def run_eval(recipe: Recipe, model_dir: str | None = None) -> str:
+    """``crlft eval``: exact-match accuracy of an export on ``eval.prompts`` under each of ``eval.conditions``.
 
-    parser = argparse.ArgumentParser(prog="crlft eval", description="Exact-match accuracy of an exported model on "
-                                     "the recipe's held-out prompts (eval.prompts), under each of eval.conditions.")
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--model", help="export directory (default: train.output_dir/export/final)")
-    args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    Prints the table and writes ``train.output_dir/eval.json``.
+
+    Args:
+        recipe: the recipe (its ``eval`` section).
+        model_dir: the export (default: ``train.output_dir/export/final``).
+
+    Returns:
+        The path of ``eval.json``.
+    """
     e = recipe.eval
     if not e.prompts:
         raise UserError(f"{recipe.where('eval', 'prompts')}: no held-out prompts configured")
-    model_dir = args.model or os.path.join(recipe.train.output_dir, "export", "final")
+    model_dir = model_dir or os.path.join(recipe.train.output_dir, "export", "final")
     records = read_eval_prompts(e.prompts, e.max_samples)
     model, tokenizer = load_export(model_dir)
     started = time.perf_counter()
@@ -202,7 +199,7 @@ def eval_main(argv: list[str]) -> int:
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump({"model": model_dir, "prompts": e.prompts, "results": results}, f, indent=2)
     print(f"written: {out_path}")
-    return 0
+    return out_path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,50 +207,48 @@ def eval_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def chat_main(argv: list[str]) -> int:
-    """``crlft chat EXPORT_DIR [--condition C] [--system S] [--prompt P]``: talk to an exported model."""
-    parser = argparse.ArgumentParser(
-        prog="crlft chat",
-        description="Chat with an exported model through its own chat template. Interactive by default "
-                    "(/reset clears the history, /exit or Ctrl-D quits); --prompt answers once and exits.")
-    parser.add_argument("model_dir", help="an export directory, e.g. runs/demo/export/final")
-    parser.add_argument("--condition", default=None,
-                        help="class condition for OpenChat templates (default: the template's, e.g. 'GPT4 Correct'; "
-                             "'Code' for coding mode; '' for plain 'User:')")
-    parser.add_argument("--system", default="", help="system message")
-    parser.add_argument("--prompt", default=None, help="one message: print the answer and exit")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--show-prompt", action="store_true", help="print the rendered prompt before each answer")
-    args = parser.parse_args(argv)
-
-    model, tokenizer = load_export(args.model_dir)
-    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+def chat(model_dir: str, *, condition: str | None, system: str, prompt: str | None, max_new_tokens: int,
+         temperature: float, show_prompt: bool) -> None:
+    """``crlft chat``: answer ``prompt`` once, or talk interactively (/reset clears the history, /exit quits)."""
+    model, tokenizer = load_export(model_dir)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> str:
         history.append({"role": "user", "content": text})
-        ids = prompt_ids(tokenizer, history, args.condition)
-        if args.show_prompt:
+        ids = prompt_ids(tokenizer, history, condition)
+        if show_prompt:
             print(f"[prompt] {tokenizer.decode(ids)!r}", file=sys.stderr)
-        reply = generate_batch(model, tokenizer, [ids], args.max_new_tokens, args.temperature)[0]
+        reply = generate_batch(model, tokenizer, [ids], max_new_tokens, temperature)[0]
         history.append({"role": "assistant", "content": reply})
         return reply
 
-    if args.prompt is not None:
-        print(answer(args.prompt))
-        return 0
+    if prompt is not None:
+        print(answer(prompt))
+        return
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"crlft chat with {args.model_dir} (condition {args.condition!r}); /reset, /exit", file=sys.stderr)
+        print(f"crlft chat with {model_dir} (condition {condition!r}); /reset, /exit", file=sys.stderr)
     while True:
         try:
             text = input("you> " if interactive else "")
         except EOFError:
-            return 0
+            return
         if text.strip() in ("/exit", "/quit"):
-            return 0
+            return
         if text.strip() == "/reset":
-            del history[1 if args.system else 0:]
+            del history[1 if system else 0:]
             continue
         if text.strip():
             print(("bot> " if interactive else "") + answer(text), flush=True)
+
+
+__all__ = [
+    "chat",
+    "evaluate_exact_match",
+    "format_eval_table",
+    "generate_batch",
+    "load_export",
+    "prompt_ids",
+    "read_eval_prompts",
+    "run_eval",
+]

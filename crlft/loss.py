@@ -1,65 +1,14 @@
 """The C-RLFT loss: reward-weighted, class-conditioned cross-entropy over packed rows, normalised per global step.
 
-What is computed
-    For every supervised target ``t`` of a packed row (``loss_weights[t] != 0``; the weights are already shifted
-    so ``loss_weights[t]`` weighs predicting ``labels[t]`` from position ``t``)::
-
-        L = Σ_t w_t · CE(logits_t, label_t) / D
-
-    where both the sum and the denominator ``D`` run over the *whole optimizer step*: every rank and every
-    micro-batch of gradient accumulation. The loss, and therefore the update, is the same whatever the world
-    size or the accumulation (1 rank × 8 micro-batches = 8 ranks × 1 micro-batch).
-
-The two normalisations (``train.loss_normalization``)
-    ``weight_sum`` (default, OpenChat's): ``D = Σ_t w_t`` over the step. The loss is a weighted *mean*, so the
-        step size does not depend on how much data of which class the step happens to hold. A class's weight only
-        matters *relative to the other classes in the same step*: a step that holds only sub-optimal data
-        (reward 0.1) gets exactly the same update as if its reward were 1.0, because the 0.1 cancels between the
-        numerator and the denominator. With OpenChat's large steps (hundreds of conversations of every class
-        per step) that almost never happens; with small steps or class-sorted data it does.
-    ``num_tokens``: ``D`` = number of supervised targets in the step. The loss is a weighted *sum* per token, so
-        a token of reward 0.1 always pulls 10x less than a token of reward 1.0, even in a step where it is alone;
-        the price is that the effective step size moves with the step's class mix.
-
-Never per micro-batch
-    Dividing each micro-batch (or each rank's row) by its own ``Σ w`` would cancel the class weights inside every
-    row that holds one class only, and weigh the tokens of short rows more than those of long ones; the test
-    ``test_per_micro_batch_normalisation_differs`` shows the difference. So the trainer passes the global ``D``
-    (known up front from the packing plan, no communication) to :func:`loss_scale_for_backward`.
-
-Memory and time
-    A 77,824-token row with Mistral's 32,002-token vocabulary would need 10 GB for one fp32 copy of its logits,
-    and a naive cross-entropy keeps several such copies alive for the backward. :func:`chunked_weighted_cross_entropy`
-    instead selects the supervised positions first (prompt tokens need no logits), then goes through them chunk by
-    chunk, and computes each chunk's *gradients during the forward* (a fused linear cross-entropy):
-    ``logits = h_c·Wᵀ`` (upcast to fp32), ``dlogits = w·(softmax − onehot)``, ``grad_h_c = dlogits·W`` and
-    ``grad_W += dlogitsᵀ·h_c``; the chunk's logits are then freed. The backward only scales the kept ``grad_h``
-    (``[T, H]``, the size of the hidden states) and ``grad_W`` (``[V, H]``, the size of ``W``'s own gradient) by the
-    incoming gradient. Peak extra memory is about two fp32 copies of one chunk's logits
-    (``chunk_tokens · vocab · 4`` bytes each) plus those two gradients, and the work is the naive version's three
-    big matmuls: ``logits``, ``grad_h`` and ``grad_W``.
-
-    The fused path needs a plain ``nn.Linear`` ``lm_head`` (its ``weight`` and ``bias``); it runs *inside* that
-    module's call, so DeepSpeed ZeRO-3's module hooks gather the sharded weight for it and reduce its gradient,
-    which reaches the parameter through autograd (tied input embeddings included). Every row calls ``lm_head``
-    exactly once (also a row without supervised targets), so ranks stay in step under ZeRO-3 whatever their rows
-    hold. Any other ``lm_head`` (a ``Linear`` subclass with its own ``forward``, an adapter, a module whose
-    ``forward`` was replaced by hooks such as accelerate's) takes the fallback: per chunk ``lm_head`` and the fp32
-    cross-entropy under activation checkpointing, which recomputes each chunk's logits in the backward (a fourth
-    big matmul) with 3 to 5 fp32 copies of a chunk's logits alive at once. ``benchmarks/RESULTS.md`` (section 2)
-    measures both against the naive version: fused 0.90x its time, checkpointed 1.2-1.4x, every position weighted.
-
-Metrics
-    :func:`per_condition_sums` turns a row's per-token CE, correctness and weights into one tensor of sums per
-    condition (the packed row's ``segment_conditions`` and ``cu_seqlens`` say which token belongs to which
-    conversation); the trainer all-reduces it with SUM and :func:`step_metrics` turns it into the logged
-    numbers: the loss, the weighted token accuracy, and per condition the loss, accuracy and token count.
+``L = Σ w·CE / D`` with both sums over the whole optimizer step (every rank, every micro-batch), so the update does
+not depend on world size or accumulation; the cross-entropy is computed chunk by chunk over the supervised
+positions only, with each chunk's gradients computed in the forward. Why, and the two normalisations, are in
+``docs/design.md`` ("The loss").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -68,9 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from crlft.errors import UserError
-
-IGNORE_INDEX = -100
+from crlft.collate import IGNORE_INDEX
 
 # 4096 supervised targets x 32,002 vocabulary x 4 bytes = 0.5 GB per fp32 copy of a chunk's logits; at most about
 # two copies live at once on the fused path (three to five on the checkpointed fallback). Small enough next to a 7B
@@ -303,7 +250,7 @@ def chunked_weighted_cross_entropy(
             the forward and again in the backward on the checkpointed one.
         labels: ``[T]`` (or ``[1, T]``) target ids, already shifted; ``-100`` where not supervised.
         loss_weights: ``[T]`` (or ``[1, T]``) shifted loss weights; only positions with a weight ≠ 0 get logits.
-        chunk_tokens: supervised targets per chunk; bounds the memory of the logits (see the module docstring).
+        chunk_tokens: supervised targets per chunk; bounds the memory of the logits (see ``docs/design.md``).
         num_chunks: if given, split the supervised targets into exactly this many chunks (some may be empty)
             instead. The checkpointed path then calls ``lm_head`` the same number of times on every rank whatever
             its row holds, which it needs under ZeRO-3 (every call all-gathers the weight: ranks calling it a
@@ -475,7 +422,7 @@ def global_denominator(global_weight_sum: float, global_num_supervised_tokens: i
         return float(global_weight_sum)
     if mode == "num_tokens":
         return float(global_num_supervised_tokens)
-    raise UserError(f"train.loss_normalization must be 'weight_sum' or 'num_tokens', got {mode!r}")
+    raise ValueError(f"train.loss_normalization must be 'weight_sum' or 'num_tokens', got {mode!r}")
 
 
 def loss_scale_for_backward(global_denominator: float, world_size: int, grad_accum: int) -> float:
@@ -510,119 +457,9 @@ def loss_scale_for_backward(global_denominator: float, world_size: int, grad_acc
     return world_size * grad_accum / global_denominator
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-# Columns of the per-condition sums tensor.
-SUM_FIELDS = ("weighted_ce_sum", "weight_sum", "num_tokens", "ce_sum", "num_correct", "weighted_correct")
-_FIELD = {name: i for i, name in enumerate(SUM_FIELDS)}
-
-
-def token_segments(cu_seqlens: torch.Tensor, num_positions: int) -> torch.Tensor:
-    """Segment (conversation) index of every position of a packed row, from its ``cu_seqlens``.
-
-    Positions at or past ``cu_seqlens[-1]`` get the index ``len(cu_seqlens) - 1`` (one past the last segment).
-    """
-    boundaries = cu_seqlens.to(dtype=torch.long).reshape(-1)[1:]
-    positions = torch.arange(num_positions, device=boundaries.device)
-    return torch.bucketize(positions, boundaries, right=True)
-
-
-def per_condition_sums(
-    parts: LossParts,
-    cu_seqlens: torch.Tensor,
-    segment_conditions: Sequence[str],
-    conditions: Sequence[str],
-) -> torch.Tensor:
-    """Per-condition sums of one row, to be summed over micro-batches and all-reduced (SUM) by the trainer.
-
-    Args:
-        parts: the row's :class:`LossParts`.
-        cu_seqlens: ``[num_segments + 1]`` segment boundaries of the row (a trailing padding segment is allowed).
-        segment_conditions: condition name of each real conversation, in row order (the packed row's
-            ``segment_conditions``; shorter than the segments when the row ends with padding).
-        conditions: the ordered list of all condition names (the same on every rank, e.g. sorted from the
-            prepared dataset), which fixes the tensor's rows.
-
-    Returns:
-        float64 ``[len(conditions), len(SUM_FIELDS)]`` on the row's device; columns as :data:`SUM_FIELDS`.
-
-    Raises:
-        ValueError: on a condition missing from ``conditions``, or weight on a position outside every real
-            conversation (padding must carry no weight).
-    """
-    device = parts.ce.device
-    num_positions = parts.ce.shape[0]
-    index_of = {c: i for i, c in enumerate(conditions)}
-    missing = sorted({c for c in segment_conditions if c not in index_of})
-    if missing:
-        raise ValueError(f"condition(s) {missing} not in the list of conditions {list(conditions)}")
-    segments = token_segments(cu_seqlens.to(device), num_positions)
-    num_real = len(segment_conditions)
-    outside = segments >= num_real
-    if bool(parts.supervised[outside].any()):
-        raise ValueError("a position outside the row's conversations (padding) has a non-zero loss weight")
-    segment_to_condition = torch.tensor(
-        [index_of[c] for c in segment_conditions] + [0], dtype=torch.long, device=device
-    )  # the extra entry absorbs padding positions, whose contributions are all zero
-    condition_of_token = segment_to_condition[segments.clamp(max=num_real)]
-
-    w = parts.weights.double()
-    sup = parts.supervised.double()
-    ok = (parts.correct & parts.supervised).double()
-    ce = parts.ce.double()
-    columns = torch.stack([w * ce, w, sup, ce * sup, ok, w * ok], dim=1)  # order of SUM_FIELDS
-    sums = torch.zeros(len(conditions), len(SUM_FIELDS), dtype=torch.float64, device=device)
-    sums.index_add_(0, condition_of_token, columns)
-    return sums
-
-
-def step_metrics(sums: torch.Tensor, conditions: Sequence[str], denominator: float) -> dict[str, float]:
-    """The logged numbers of one step from its all-reduced per-condition sums.
-
-    Args:
-        sums: ``[len(conditions), len(SUM_FIELDS)]`` summed over every row of the step on every rank.
-        conditions: the condition names of the rows of ``sums``.
-        denominator: the step's ``D`` (see :func:`global_denominator`).
-
-    Returns:
-        ``loss`` (the optimised ``Σ w·CE / D``), ``weighted_accuracy`` (``Σ w·correct / Σ w``), ``accuracy``,
-        ``ce`` (unweighted mean CE per supervised token), ``supervised_tokens``, ``weight_sum``, and per condition
-        ``loss/<c>`` (``Σ w·CE / Σ w`` within the condition), ``ce/<c>``, ``accuracy/<c>``, ``tokens/<c>``.
-        Conditions without tokens in the step are left out.
-    """
-    s = sums.double().cpu()
-    total = s.sum(dim=0)
-
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-        return float(num / den) if float(den) != 0 else float("nan")
-
-    f = _FIELD
-    metrics: dict[str, float] = {
-        "loss": float(total[f["weighted_ce_sum"]]) / denominator if denominator else float("nan"),
-        "weighted_accuracy": ratio(total[f["weighted_correct"]], total[f["weight_sum"]]),
-        "accuracy": ratio(total[f["num_correct"]], total[f["num_tokens"]]),
-        "ce": ratio(total[f["ce_sum"]], total[f["num_tokens"]]),
-        "supervised_tokens": float(total[f["num_tokens"]]),
-        "weight_sum": float(total[f["weight_sum"]]),
-    }
-    for i, condition in enumerate(conditions):
-        row = s[i]
-        if float(row[f["num_tokens"]]) == 0:
-            continue
-        name = condition or "<none>"
-        metrics[f"loss/{name}"] = ratio(row[f["weighted_ce_sum"]], row[f["weight_sum"]])
-        metrics[f"ce/{name}"] = ratio(row[f["ce_sum"]], row[f["num_tokens"]])
-        metrics[f"accuracy/{name}"] = ratio(row[f["num_correct"]], row[f["num_tokens"]])
-        metrics[f"tokens/{name}"] = float(row[f["num_tokens"]])
-    return metrics
-
-
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "IGNORE_INDEX",
-    "SUM_FIELDS",
     "LossMethod",
     "LossParts",
     "WeightedLossModel",
@@ -631,7 +468,4 @@ __all__ = [
     "global_denominator",
     "loss_scale_for_backward",
     "num_chunks_for",
-    "per_condition_sums",
-    "step_metrics",
-    "token_segments",
 ]

@@ -1,19 +1,8 @@
-"""Loading the model to train: weights, the template's special tokens, embedding init, attention backend.
+"""Loading the model to train: weights, the template's special tokens, mean-initialised embeddings, attention.
 
-* :func:`load_model` loads the recipe's base model with ``AutoModelForCausalLM`` in the recipe's dtype, picks the
-  attention kernel (:func:`choose_attn_implementation`), grows the embeddings to the tokenizer (which already
-  holds the template's special tokens, see ``crlft.templates.load_tokenizer``) and enables gradient
-  checkpointing when asked.
-* New embedding rows (input embeddings and an untied ``lm_head``) are set to the *mean* of the existing rows,
-  computed in fp32. transformers' ``resize_token_embeddings(mean_resizing=True)`` instead samples them from a
-  normal distribution around that mean (with 1e-9 x the covariance); we want the mean itself, so that the new
-  tokens start exactly at the centre of the existing ones (logit of a new token = the mean logit), reproducibly.
-* :func:`create_from_scratch` writes a randomly initialised Mistral with the template's offline tokenizer (the
-  demo recipe's ``model.create_if_missing``), and :func:`ensure_base_model` calls it when the base directory is
-  missing.
-
-crlft never downloads: a ``model.base`` that is neither a local directory nor in the Hugging Face cache is a
-``UserError`` that says so.
+New embedding rows are set to the *mean* of the existing rows (in fp32), so new tokens start exactly at the centre of
+the existing ones, reproducibly. crlft never downloads: a ``model.base`` that is neither a local directory nor in the
+Hugging Face cache is a ``UserError`` that says so.
 """
 
 from __future__ import annotations
@@ -25,10 +14,14 @@ import tempfile
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
+from crlft import attention
 from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +57,6 @@ def resolve_model_dir(base: str, where: str = "model.base") -> str:
     # A hub id is "name" or "org/name"; anything else that is not a directory is a local path that is missing.
     if expanded.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base:
         raise UserError(f"{where}: directory not found: {expanded}")
-    from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(base, "config.json")
     if isinstance(cached, str) and os.path.isfile(cached):
@@ -106,8 +98,6 @@ def choose_attn_implementation(
     Returns:
         The name to load the model with (``attn_implementation=``).
     """
-    from crlft import attention
-
     return attention.choose_attn_implementation(requested, device or training_device(), dtype)
 
 
@@ -203,7 +193,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     Args:
         recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
             ``model.gradient_checkpointing``).
-        tokenizer: the tokenizer from ``crlft.templates.load_tokenizer`` (holds the template's special tokens).
+        tokenizer: the tokenizer from ``crlft.tokenizer.load_tokenizer`` (holds the template's special tokens).
         device: where the model will train, for the attention choice; default :func:`training_device`. The model
             itself is returned on the CPU (DeepSpeed moves it).
 
@@ -213,8 +203,6 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     Raises:
         UserError: a base that is missing or not cached, or settings this machine cannot run.
     """
-    from transformers import AutoModelForCausalLM
-
     ensure_base_model(recipe)
     where = recipe.where("model", "base")
     model_dir = resolve_model_dir(recipe.model.base, where)
@@ -270,9 +258,6 @@ def create_from_scratch(out_dir: str, mistral_config_kwargs: dict[str, Any], tem
         UserError: unknown config fields, a too-small ``vocab_size``, a template without an offline tokenizer,
             or a non-empty ``out_dir``.
     """
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from crlft.templates import build_tokenizer
 
     out_dir = os.path.expanduser(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):

@@ -1,54 +1,30 @@
 """``crlft plan RECIPE.yaml``: what a run will need, without a GPU and without loading weights.
 
-Prints the parameter count (the model is built on the ``meta`` device from its ``config.json``: no memory, no
-download), the memory per GPU of each ZeRO stage with the recipe's stage marked, the steps per epoch (from the
-packing plan of the prepared dataset) and the learning rate (``train.lr: auto`` resolved with the numbers it
-came from).
-
-The learning-rate rule (:func:`resolve_lr`, also used by the trainer) is OpenChat's ``calculate_auto_lr``: the
-square-root batch-size scaling of LLaMA's pre-training hyper-parameters (3e-4 at 4M tokens per step)::
-
-    lr = base_lr · sqrt(supervised tokens per step / 4,000,000),  base_lr = 3e-4, divided by 6 for Mistral
-    supervised tokens per step = batch_max_len · world_size · grad_accum · supervised_ratio
-
-where ``supervised_ratio`` is the share of the prepared dataset's tokens that carry a loss weight (OpenChat has no
-gradient accumulation; a step of ``grad_accum`` micro-batches holds ``grad_accum`` times the tokens, so it is a
-factor here).
-
-Memory per GPU (bytes; Ψ parameters, N GPUs, b = 2 for bf16 or 4 for fp32, ZeRO paper accounting)::
-
-    weights      b·Ψ      (stage 3: b·Ψ/N; offload_param: 0, they live in CPU memory)
-    gradients    b·Ψ      (stages 2, 3: b·Ψ/N)
-    optimizer    K·Ψ      K = 12 for bf16 (fp32 master copy + Adam m + v), 8 for fp32 (m + v);
-                          (stages 1-3: K·Ψ/N; offload_optimizer: 0, it lives in CPU memory)
-    buffers      stages 1, 2: 4.5 · (reduce_bucket_size + allgather_bucket_size) · b with overlap_comm (DeepSpeed's
-                 documented footprint), else 2 · reduce_bucket_size · b; stage 3: (stage3_max_live_parameters +
-                 reduce_bucket_size) · b
-    activations  for one packed row of T = batch_max_len tokens (see :func:`activation_bytes`)
-
-The activation estimate counts what autograd keeps per token per decoder layer (hidden h, KV width h_kv,
-MLP width I): the fp32 input copy and the output of both RMSNorms (2·(4h + b·h)), q, k, v and the attention output
-(2·b·h + 2·b·h_kv), and the four MLP tensors of width I (4·b·I); with b = 2 that is ``16h + 4h_kv + 8I`` bytes.
-Without checkpointing every layer keeps that: ``L·T·(per layer)``. With checkpointing only each layer's input is
-kept (``L·T·h·b``) plus one layer's worth recomputed in the backward (``T·(per layer)``). The trainer's fused
-chunked loss (:mod:`crlft.loss`, the path a Mistral takes) adds two fp32 copies of one chunk's logits
-(``2·chunk_tokens·V·4``) and the gradients it computes in the forward and keeps for the backward: ``grad_W``
-(``V·h·b``) and ``grad_h`` (``T·h·b``); its checkpointed fallback adds about ``3·chunk_tokens·V·4``. Real use is
-within a few GB of this: allocator fragmentation, the CUDA context (~1 GB) and kernel workspaces come on top.
+The parameter count (the model built on the ``meta`` device), memory per GPU of each ZeRO stage, the steps per
+epoch from the prepared dataset's packing plan, and the learning rate (``auto``: OpenChat's rule, also used by the
+trainer). The accounting behind the estimates is in ``docs/design.md`` ("crlft plan").
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
-from crlft.config import Recipe, deepspeed_config, load_recipe
+from crlft.config import Recipe, deepspeed_config
 from crlft.errors import UserError
+from crlft.loader import PackedLoader
+from crlft.memory import activation_bytes, memory_per_gpu
+from crlft.model import resolve_model_dir
+from crlft.prepare import load_prepared
+from crlft.templates import get_template
+from crlft.tokenizer import load_tokenizer, make_tokenizer
 
 # OpenChat's auto learning rate (ochat/training_deepspeed/train.py, calculate_auto_lr): LLaMA's pre-training lr at
 # LLaMA's batch of 4M tokens, scaled by the square root of the batch; Mistral tolerates less.
@@ -81,7 +57,7 @@ def supervised_tokens_per_step(batch_max_len: int, world_size: int, grad_accum: 
 
 
 def resolve_lr(recipe: Recipe, supervised_tokens_per_step: float | None, model_type: str) -> tuple[float, str]:
-    """The peak learning rate: ``train.lr`` if it is a number, else OpenChat's rule (module docstring).
+    """The peak learning rate: ``train.lr`` if it is a number, else OpenChat's rule (``docs/design.md``).
 
     Args:
         recipe: the recipe.
@@ -145,17 +121,12 @@ def dataset_token_counts(dataset: Any) -> tuple[int, int]:
 
 def count_parameters(config: Any) -> int:
     """Parameters of the causal LM a config describes, built on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
 
 
 def _template_tokens(template_name: str) -> list[str]:
-    from crlft.templates import get_template
-
     t = get_template(template_name)
     return list(dict.fromkeys((*t.special_tokens, t.eot, t.pad_token)))
 
@@ -179,7 +150,6 @@ def _local_tokenizer_dir(name: str) -> str | None:
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded
-    from huggingface_hub import try_to_load_from_cache
 
     try:
         cached = try_to_load_from_cache(name, "tokenizer_config.json")
@@ -194,16 +164,11 @@ def model_size(recipe: Recipe) -> ModelSize:
     Raises:
         UserError: when neither a local/cached config nor ``create_if_missing`` is there.
     """
-    from transformers import AutoConfig, MistralConfig
-
-    from crlft.model import resolve_model_dir
 
     m = recipe.model
     tokens = _template_tokens(m.template)
     base = os.path.expanduser(m.base)
     if m.create_if_missing is not None and not os.path.isfile(os.path.join(base, "config.json")):
-        from crlft.templates import make_tokenizer
-
         spec = dict(m.create_if_missing)
         vocab = int(spec.pop("vocab_size", None) or len(make_tokenizer(m.template)))
         config = MistralConfig(vocab_size=vocab, **spec)
@@ -221,7 +186,6 @@ def model_size(recipe: Recipe) -> ModelSize:
     try:
         if tokenizer_dir is None:
             raise OSError(f"{m.tokenizer!r} is not a local directory and not in the Hugging Face cache")
-        from crlft.templates import load_tokenizer
 
         num_tokens = len(load_tokenizer(tokenizer_dir, m.template))
         added = max(0, num_tokens - vocab_before)
@@ -244,119 +208,6 @@ def model_size(recipe: Recipe) -> ModelSize:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def activation_bytes(
-    config: Any,
-    num_tokens: int,
-    gradient_checkpointing: bool,
-    bytes_per_value: int = 2,
-    chunk_tokens: int = 4096,
-    loss_method: str = "fused",
-) -> int:
-    """Activation memory of one packed row of ``num_tokens`` tokens (formula in the module docstring).
-
-    Args:
-        config: the model's Hugging Face config.
-        num_tokens: tokens of the packed row (``train.batch_max_len``).
-        gradient_checkpointing: whether each decoder layer is recomputed in the backward.
-        bytes_per_value: 2 for bf16/fp16 activations, 4 for fp32.
-        chunk_tokens: supervised targets per chunk of the loss.
-        loss_method: ``"fused"`` (what ``auto`` picks for a plain ``nn.Linear`` lm_head) or ``"checkpoint"``.
-
-    Returns:
-        Bytes.
-    """
-    h = int(config.hidden_size)
-    num_layers = int(config.num_hidden_layers)
-    num_heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or h // num_heads)
-    h_kv = int(getattr(config, "num_key_value_heads", None) or num_heads) * head_dim
-    intermediate = int(getattr(config, "intermediate_size", 4 * h))
-    b = bytes_per_value
-    per_token_layer = 2 * (4 * h + b * h) + 2 * b * h + 2 * b * h_kv + 4 * b * intermediate
-    if gradient_checkpointing:
-        kept = num_layers * num_tokens * h * b + num_tokens * per_token_layer
-    else:
-        kept = num_layers * num_tokens * per_token_layer
-    chunk_logits = min(chunk_tokens, num_tokens) * int(config.vocab_size) * 4  # one fp32 copy of a chunk's logits
-    if loss_method == "checkpoint":
-        loss = 3 * chunk_logits
-    else:
-        loss = 2 * chunk_logits + int(config.vocab_size) * h * b + num_tokens * h * b  # + grad_W + grad_h
-    return kept + loss
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per GPU of one ZeRO stage (and per rank in CPU memory when offloading)."""
-
-    zero_stage: int
-    weights: float
-    gradients: float
-    optimizer: float
-    buffers: float
-    activations: float
-    cpu: float = 0.0
-
-    @property
-    def total(self) -> float:
-        """Sum of the GPU parts."""
-        return self.weights + self.gradients + self.optimizer + self.buffers + self.activations
-
-
-def memory_per_gpu(
-    num_params: int,
-    num_gpus: int,
-    zero_stage: int,
-    activations: float,
-    ds_config: dict[str, Any],
-    bf16: bool = True,
-    offload_optimizer: bool = False,
-    offload_param: bool = False,
-) -> MemoryEstimate:
-    """GPU memory of one rank for a ZeRO stage (formulas in the module docstring).
-
-    Args:
-        num_params: Ψ, parameters being trained.
-        num_gpus: N, data-parallel ranks.
-        zero_stage: 0-3.
-        activations: bytes of activations (:func:`activation_bytes`).
-        ds_config: the DeepSpeed configuration (bucket sizes are read from its ``zero_optimization``).
-        bf16: mixed precision (bf16 weights and gradients, fp32 master copy) or plain fp32.
-        offload_optimizer: optimizer state in CPU memory.
-        offload_param: weights in CPU memory (stage 3 only).
-
-    Returns:
-        A :class:`MemoryEstimate`.
-    """
-    b = 2 if bf16 else 4
-    k = 12 if bf16 else 8
-    psi, n = float(num_params), float(num_gpus)
-    zero = ds_config.get("zero_optimization", {})
-    weights = b * psi / (n if zero_stage >= 3 else 1)
-    gradients = b * psi / (n if zero_stage >= 2 else 1)
-    optimizer = k * psi / (n if zero_stage >= 1 else 1)
-    cpu = 0.0
-    if offload_optimizer and zero_stage >= 1:
-        cpu += optimizer
-        optimizer = 0.0
-    if offload_param and zero_stage >= 3:
-        cpu += weights
-        weights = 0.0
-    reduce_bucket = float(zero.get("reduce_bucket_size", 5e8))
-    allgather_bucket = float(zero.get("allgather_bucket_size", 5e8))
-    if zero_stage in (1, 2):
-        buffers = (4.5 * (reduce_bucket + allgather_bucket) if zero.get("overlap_comm") else 2 * reduce_bucket) * b
-    elif zero_stage == 3:
-        buffers = (float(zero.get("stage3_max_live_parameters", 1e9)) + reduce_bucket) * b
-    else:
-        buffers = 0.0
-    return MemoryEstimate(zero_stage, weights, gradients, optimizer, buffers, float(activations), cpu)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,9 +235,6 @@ class DataPlan:
 
 def data_plan(recipe: Recipe, num_gpus: int) -> DataPlan:
     """Steps per epoch and token counts from the prepared dataset, or why they are unknown."""
-    from crlft.data import load_prepared
-    from crlft.packing import PackedLoader
-
     t = recipe.train
     try:
         dataset = load_prepared(recipe)
@@ -526,47 +374,16 @@ def plan_text(recipe: Recipe, num_gpus: int) -> str:
     return "\n".join(lines)
 
 
-def plan_main(argv: list[str]) -> int:
-    """``crlft plan RECIPE.yaml [section.key=value ...] [--num_gpus N]``.
-
-    Args:
-        argv: the arguments after ``plan``.
-
-    Returns:
-        The exit status (0).
-    """
-    parser = argparse.ArgumentParser(
-        prog="crlft plan",
-        description="Parameter count, memory per GPU, steps per epoch and learning rate of a recipe (no GPU).",
-    )
-    parser.add_argument("recipe", help="the recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument(
-        "--num_gpus", "--num-gpus", type=int, default=None,
-        help=f"data-parallel GPUs (default: $WORLD_SIZE, else {DEFAULT_NUM_GPUS})",
-    )
-    args = parser.parse_intermixed_args(argv)
-    num_gpus = args.num_gpus or int(os.environ.get("WORLD_SIZE", DEFAULT_NUM_GPUS))
-    if num_gpus < 1:
-        raise UserError(f"--num_gpus must be ≥ 1, got {num_gpus}")
-    recipe = load_recipe(args.recipe, args.overrides)
-    print(plan_text(recipe, num_gpus))
-    return 0
-
 
 __all__ = [
     "AUTO_LR_BASE",
     "AUTO_LR_BASE_TOKENS",
     "DataPlan",
-    "MemoryEstimate",
     "ModelSize",
-    "activation_bytes",
     "count_parameters",
     "data_plan",
     "dataset_token_counts",
-    "memory_per_gpu",
     "model_size",
-    "plan_main",
     "plan_text",
     "resolve_lr",
     "supervised_tokens_per_step",

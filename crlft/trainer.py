@@ -1,158 +1,42 @@
-"""The training loop: ``train(recipe)`` and ``train_step(...)`` on a DeepSpeed engine.
+"""The training run: ``train(recipe)`` as a lifecycle (set up, maybe resume, the loop, finish) and ``train_step``.
 
-One optimizer step, on every rank (``train_step``):
-
-1. The packed loader hands this rank its ``grad_accum`` packed rows of the step, plus the step's *global* totals
-   (``Σ w`` and the number of supervised targets over all ranks and micro-batches), known from the packing plan
-   without any communication.
-2. For each row: forward through the decoder, chunked weighted cross-entropy (``crlft.loss``), then
-   ``engine.backward(Σ w·CE · s)`` with ``s = loss_scale_for_backward(D, world_size, grad_accum)``. DeepSpeed divides
-   by ``gradient_accumulation_steps`` and averages gradients over ranks; ``s`` undoes both, so the update is the
-   gradient of ``L = Σ_step w·CE / D`` whatever the world size or accumulation. ``engine.step()`` after every
-   row: DeepSpeed updates only at the accumulation boundary (the last row), which the loop asserts.
-3. The per-condition sums (weighted CE, weights, tokens, correct) of the rows are all-reduced once, giving the
-   logged global loss, weighted accuracy and the loss per condition.
-
-``train`` wires it up: distributed init, the prepared dataset, the packed loader, lr (``auto``: OpenChat's rule),
-AdamW + linear-warmup-cosine schedule, the engine, resume, then the loop with metrics (``metrics.jsonl``, progress
-bar, wandb), checkpoints and exports.
+Every rank runs ``train``. One optimizer step (``train_step``) backpropagates ``Σ w·CE`` of this rank's rows scaled
+so that the update is the gradient of the step's *global* loss whatever the world size or accumulation
+(``docs/design.md``, "One optimizer step").
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
 import logging
 import math
 import os
-import signal
-import socket
 import sys
 import time
-import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import torch
+from deepspeed.utils import logger as deepspeed_logger
 
+from crlft import checkpoint as ckpt
+from crlft.collate import flash_attention_kwargs
 from crlft.config import Recipe, deepspeed_config
+from crlft.dist import DistInfo, barrier, init_distributed
+from crlft.export import export_checkpoint, link_or_copy_tree
+from crlft.loader import PackedLoader, PackedStep
+from crlft.loss import WeightedLossModel, global_denominator, loss_scale_for_backward, num_chunks_for
+from crlft.metrics import SUM_FIELDS, per_condition_sums, step_metrics
+from crlft.model import ensure_base_model, load_model
+from crlft.plan import dataset_token_counts, resolve_lr, supervised_tokens_per_step
+from crlft.prepare import load_prepared
+from crlft.runlog import METRICS_FILE, RunLog, start_wandb, truncate_metrics
+from crlft.schedule import build_optimizer, lr_scheduler_factory, num_warmup_steps
+from crlft.templates import TEMPLATES, Template
+from crlft.tokenizer import load_tokenizer
 
 logger = logging.getLogger("crlft.trainer")
-
-METRICS_FILE = "metrics.jsonl"
-
-# Test hook (tests/test_resume.py): the rank-0 process SIGKILLs itself right after this optimizer step is logged
-# (and checkpointed, when a checkpoint falls on it), like a machine dying mid-run.
-SIGKILL_AFTER_STEP_ENV = "CRLFT_TEST_SIGKILL_AFTER_STEP"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Distributed
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    """Where this process sits among the ranks."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group the launcher set up (``deepspeed``/``torchrun`` env vars), or form one of size 1.
-
-    DeepSpeed picks the backend of its accelerator: NCCL on CUDA, gloo (or oneCCL when installed) on the CPU.
-    """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        # Not launched (`crlft train`): a world of one, in this process.
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=30), verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
-    device = torch.device(accelerator.device_name(local_rank))
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-def barrier() -> None:
-    """All ranks meet here."""
-    torch.distributed.barrier()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Schedule and optimizer
-# --------------------------------------------------------------------------------------------------------------
-
-
-def num_warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """Steps of linear warm-up: ``ceil(warmup_ratio · total_steps)``, less than ``total_steps``."""
-    return min(math.ceil(warmup_ratio * total_steps), max(total_steps - 1, 0))
-
-
-def lr_factor(step_index: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Learning rate of optimizer step ``step_index`` (0-based) as a fraction of the peak.
-
-    Linear warm-up over ``warmup_steps`` steps reaching the peak at the last of them (the first step already gets
-    ``1 / warmup_steps`` of it, none is wasted at 0), then a half cosine from the peak down to ``min_ratio`` at
-    the last step ``total_steps - 1``.
-    """
-    if step_index < warmup_steps:
-        return (step_index + 1) / warmup_steps
-    decay_steps = total_steps - warmup_steps
-    progress = min(1.0, (step_index - warmup_steps) / max(1, decay_steps - 1))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_scheduler_factory(total_steps: int, warmup_ratio: float, min_ratio: float) -> Callable:
-    """A callable DeepSpeed gives the optimizer to, returning a ``LambdaLR`` following :func:`lr_factor`.
-
-    DeepSpeed steps it once per optimizer step (at the accumulation boundary) and saves it in checkpoints.
-    """
-    warmup = num_warmup_steps(total_steps, warmup_ratio)
-
-    def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: lr_factor(i, total_steps, warmup, min_ratio)
-        )
-
-    return make
-
-
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over all parameters with the recipe's betas, eps and decoupled weight decay (as OpenChat).
-
-    The implementation follows where the optimizer state lives: DeepSpeed's vectorised ``DeepSpeedCPUAdam`` when
-    ZeRO offloads it to the CPU (DeepSpeed requires it there), PyTorch's fused CUDA kernel on GPUs, and PyTorch's
-    AdamW otherwise (CPU ranks).
-    """
-    t = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"lr": lr, "betas": tuple(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}
-    if recipe.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    if device.type == "cuda":
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,7 +46,7 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float, device: t
 
 def train_step(
     engine: Any,
-    step: Any,
+    step: PackedStep,
     *,
     world_size: int,
     grad_accum: int,
@@ -177,7 +61,7 @@ def train_step(
 
     Args:
         engine: the DeepSpeed engine wrapping a ``crlft.loss.WeightedLossModel``.
-        step: a ``crlft.packing.PackedStep`` for this rank.
+        step: this rank's ``crlft.loader.PackedStep``.
         world_size: data-parallel ranks.
         grad_accum: micro-batches per rank per step (DeepSpeed's ``gradient_accumulation_steps``).
         loss_normalization: ``train.loss_normalization``.
@@ -185,13 +69,9 @@ def train_step(
         device: this rank's device.
 
     Returns:
-        The step's global metrics (``crlft.loss.step_metrics``) plus ``lr`` (the rate this update used) and
+        The step's global metrics (``crlft.metrics.step_metrics``) plus ``lr`` (the rate this update used) and
         ``grad_norm`` (before clipping).
     """
-    from crlft.loss import SUM_FIELDS, global_denominator, loss_scale_for_backward, per_condition_sums
-    from crlft.loss import step_metrics as metrics_from_sums
-    from crlft.packing import flash_attention_kwargs
-
     if len(step.micro_batches) != grad_accum:
         raise AssertionError(f"loader gave {len(step.micro_batches)} micro-batches, expected {grad_accum}")
     denominator = global_denominator(step.global_weight_sum, step.global_num_supervised_tokens, loss_normalization)
@@ -210,7 +90,7 @@ def train_step(
         engine.step()
         sums += per_condition_sums(parts, row["cu_seqlens"], row["segment_conditions"], conditions)
     torch.distributed.all_reduce(sums)  # the one collective of our own per step
-    metrics = metrics_from_sums(sums, conditions, denominator)
+    metrics = step_metrics(sums, conditions, denominator)
     metrics["lr"] = lr
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
@@ -219,180 +99,46 @@ def train_step(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Metrics and logging
-# --------------------------------------------------------------------------------------------------------------
-
-
-def truncate_metrics(path: str, last_step: int) -> int:
-    """Keep only the lines of ``metrics.jsonl`` with ``step <= last_step`` (a resumed run rewrites the rest).
-
-    Returns:
-        The number of lines dropped.
-    """
-    if not os.path.isfile(path):
-        return 0
-    kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash
-                dropped += 1
-                continue
-            if record.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    return dropped
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.6g}") if isinstance(value, float) and math.isfinite(value) else value
-
-
-def _start_wandb(recipe: Recipe, state: dict[str, Any]) -> Any:
-    w = recipe.logging.wandb
-    if not w.project or w.mode == "disabled":
-        return None
-    import wandb
-
-    # The id is kept in the checkpoints, so a resumed run continues the same wandb run.
-    run_id = state.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
-    return wandb.init(
-        project=w.project, entity=w.entity, name=w.name or os.path.basename(os.path.abspath(recipe.train.output_dir)),
-        mode=w.mode, dir=recipe.train.output_dir, config=recipe.to_dict(), id=run_id, resume="allow",
-    )
-
-
-class RunLog:
-    """Where a step's numbers go on rank 0: ``metrics.jsonl`` (every step), the progress bar, a line and wandb (every
-    ``log_every`` steps). Other ranks hold a disabled one.
-
-    Args:
-        path: the ``metrics.jsonl`` file (appended to).
-        total_steps: steps the run will do in all (for the bar and the ETA).
-        done_steps: steps already done (resumed runs).
-        log_every: print and send to wandb every this many steps.
-        wandb_run: a wandb run, or None.
-        enabled: False on ranks other than 0.
-    """
-
-    def __init__(self, path: str, total_steps: int, done_steps: int, log_every: int, wandb_run: Any, enabled: bool):
-        from tqdm import tqdm
-
-        self.total_steps, self.log_every, self.wandb_run, self.enabled = total_steps, log_every, wandb_run, enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
-        # In a log file (no terminal) the bar redraws rarely; the per-step lines carry the numbers and the ETA.
-        self.bar = tqdm(total=total_steps, initial=min(done_steps, total_steps), disable=not enabled, desc="train",
-                        unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if sys.stderr.isatty() else 60.0)
-        self.started = time.perf_counter()
-        self.first_step = done_steps
-
-    def step(self, record: dict[str, Any]) -> None:
-        """Log one step's record (``step``, ``epoch``, ``loss``, ``lr``, ``tokens_per_s``, ...)."""
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({k: v if k == "loss" else _round(v) for k, v in record.items()}) + "\n")
-        self.file.flush()
-        step = record["step"]
-        self.bar.update(1)
-        self.bar.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        if step % self.log_every == 0 or step == self.total_steps:
-            seconds_per_step = (time.perf_counter() - self.started) / max(step - self.first_step, 1)
-            eta = self.bar.format_interval(seconds_per_step * max(self.total_steps - step, 0))
-            per_condition = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-            self.bar.write(
-                f"step {step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                + (f"({per_condition}) " if per_condition else "")
-                + f"acc {record['weighted_accuracy']:.3f} lr {record['lr']:.3e} {record['tokens_per_s']:.0f} tok/s "
-                f"eta {eta}", file=sys.stderr)
-            if self.wandb_run is not None:
-                self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
-
-    def close(self, final_loss: float) -> None:
-        """Close the file, the bar and the wandb run."""
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.summary["final_loss"] = final_loss
-            self.wandb_run.finish()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Resume fingerprint
-# --------------------------------------------------------------------------------------------------------------
-
-
-def data_fingerprint(data_dir: str) -> str:
-    """A hash of what the prepared dataset was made from (its ``crlft_meta.json`` inputs).
-
-    File modification times and the crlft version are left out: touching a file, or upgrading crlft, without
-    changing the rows must not block a resume (the loader also checks the rows' lengths).
-    """
-    from crlft.data import META_FILE
-
-    with open(os.path.join(data_dir, META_FILE), encoding="utf-8") as f:
-        inputs = json.load(f).get("inputs", {})
-    inputs = dict(inputs)
-    inputs.pop("crlft_version", None)
-    for source in inputs.get("sources", []):
-        if isinstance(source.get("file"), dict):
-            source["file"].pop("mtime_ns", None)
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run resuming from it.
-
-    The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
-    (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
-    """
-    t = recipe.train
-    return {
-        "data": data_hash,
-        "template": recipe.model.template,
-        "dtype": recipe.model.dtype,
-        "world_size": world_size,
-        "batch_max_len": t.batch_max_len,
-        "grad_accum": t.grad_accum,
-        "seed": t.seed,
-        "epochs": t.epochs,
-        "lr": t.lr,
-        "lr_warmup_ratio": t.lr_warmup_ratio,
-        "lr_min_ratio": t.lr_min_ratio,
-        "weight_decay": t.weight_decay,
-        "betas": list(t.betas),
-        "eps": t.eps,
-        "grad_clip": t.grad_clip,
-        "loss_normalization": t.loss_normalization,
-        "zero_stage": recipe.deepspeed.zero_stage,
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _configure_logging(rank: int) -> None:
-    # DeepSpeed 0.19 still calls these torch.distributed functions; the warning repeats on every rank and step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
-                            category=FutureWarning)
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("crlft").setLevel(level)
-    from deepspeed.utils import logger as ds_logger
+@dataclass
+class Progress:
+    """What the loop carries from step to step; ``step``, ``tokens_seen`` and ``wandb_run_id`` go into checkpoints."""
 
-    # DeepSpeed's INFO lines (configs, timers) drown the progress bar; its warnings and errors stay.
-    ds_logger.setLevel(logging.DEBUG if os.environ.get("CRLFT_DEBUG") else logging.WARNING)
+    step: int = 0
+    tokens_seen: int = 0
+    wandb_run_id: str | None = None
+    last_loss: float = math.nan
+    last_checkpoint: str | None = None
+    epoch: int | None = None  # the epoch of the last step, to notice a new one
+    epoch_export: tuple[int, str] | None = None  # (step, path) of the newest epoch export
+
+
+@dataclass
+class Run:
+    """Everything set up for one run on this rank."""
+
+    recipe: Recipe
+    dist: DistInfo
+    template: Template
+    tokenizer: Any
+    model: Any  # the Hugging Face model (its config and files go into checkpoints)
+    engine: Any
+    loader: PackedLoader
+    conditions: list[str]
+    fingerprint: dict[str, Any]
+    resume_from: str | None
+    lr: float
+    total_steps: int
+    planned_steps: int
+    progress: Progress
+
+    def reached_max_steps(self) -> bool:
+        """Whether ``train.max_steps`` is set and reached."""
+        max_steps = self.recipe.train.max_steps
+        return bool(max_steps and self.progress.step >= max_steps)
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -411,59 +157,80 @@ def train(recipe: Recipe) -> dict[str, Any]:
     Raises:
         UserError: no prepared dataset, a checkpoint that cannot be resumed with this recipe, bad settings.
     """
-    import deepspeed
+    run = set_up(recipe)
+    maybe_resume(run)
+    log = open_run_log(run)
+    run.engine.train()
+    try:
+        for step in ([] if run.reached_max_steps() else run.loader):
+            if step.epoch != run.progress.epoch:
+                on_epoch_start(run, step)
+            started = time.perf_counter()
+            metrics = train_step(run.engine, step, world_size=run.dist.world_size, grad_accum=recipe.train.grad_accum,
+                                 loss_normalization=recipe.train.loss_normalization, conditions=run.conditions,
+                                 device=run.dist.device)
+            log.step(advance(run.progress, step, metrics, time.perf_counter() - started))
+            checkpoint_and_export(run, step)
+            if run.reached_max_steps():
+                break
+    finally:
+        log.close(run.progress.last_loss)
+    return finish(run)
 
-    from crlft import checkpoint as ckpt
-    from crlft.data import load_prepared
-    from crlft.loss import WeightedLossModel, num_chunks_for
-    from crlft.model import ensure_base_model, load_model
-    from crlft.packing import PackedLoader
-    from crlft.templates import TEMPLATES, load_tokenizer
 
-    dist_info = init_distributed()
-    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
-    _configure_logging(rank)
+def set_up(recipe: Recipe) -> Run:
+    """Distributed init, the demo's base model, tokenizer, prepared data, loader, resume check, model and engine.
+
+    A checkpoint the recipe cannot resume from is refused here, before the model is loaded.
+    """
+    dist = init_distributed()
+    _configure_logging(dist.rank)
     t, m = recipe.train, recipe.model
-    template = TEMPLATES[m.template]
-    output_dir = t.output_dir
-    if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
+    if dist.rank == 0:
+        os.makedirs(t.output_dir, exist_ok=True)
         ensure_base_model(recipe)  # the demo's random base (once, before every rank loads it)
     barrier()
     # The same seed on every rank: nothing random differs between ranks (Mistral has no dropout), so runs with
     # different world sizes stay comparable.
     torch.manual_seed(t.seed)
 
-    # ----- data -----
+    template = TEMPLATES[m.template]
     tokenizer = load_tokenizer(m.tokenizer or m.base, template)
     dataset = load_prepared(recipe)
     conditions = sorted(set(dataset.unique("condition"))) if "condition" in dataset.column_names else [""]
     loader = PackedLoader(
-        dataset, max_tokens=t.batch_max_len, num_ranks=world_size, rank=rank, grad_accum=t.grad_accum,
+        dataset, max_tokens=t.batch_max_len, num_ranks=dist.world_size, rank=dist.rank, grad_accum=t.grad_accum,
         seed=t.seed, pad_to_multiple_of=t.pad_to_multiple_of, num_epochs=t.epochs,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
     steps_per_epoch = [loader.steps_per_epoch(e) for e in range(t.epochs)]
     total_steps = sum(steps_per_epoch)
-    planned_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
-
-    warmup = num_warmup_steps(total_steps, t.lr_warmup_ratio)
     logger.info(
         f"data: {len(dataset)} conversations, {steps_per_epoch[0]} steps/epoch × {t.epochs} epochs = {total_steps} "
-        f"steps ({world_size} ranks × {t.grad_accum} rows × {t.batch_max_len} tokens), {warmup} warm-up steps"
+        f"steps ({dist.world_size} ranks × {t.grad_accum} rows × {t.batch_max_len} tokens), "
+        f"{num_warmup_steps(total_steps, t.lr_warmup_ratio)} warm-up steps"
         + (f"; stopping after {t.max_steps} steps" if t.max_steps and t.max_steps < total_steps else "")
     )
 
-    # Which checkpoint to continue from, refused early (before loading the model) when the recipe changed.
-    fingerprint = resume_fingerprint(recipe, data_fingerprint(recipe.data.output_dir), world_size)
-    resume_from = ckpt.resolve_resume(t.resume, output_dir, recipe.where("train", "resume"))
+    fingerprint = ckpt.resume_fingerprint(recipe, ckpt.data_fingerprint(recipe.data.output_dir), dist.world_size)
+    resume_from = ckpt.resolve_resume(t.resume, t.output_dir, recipe.where("train", "resume"))
     if resume_from is not None:
         ckpt.check_resume_fingerprint(ckpt.read_trainer_state(resume_from)["fingerprint"], fingerprint, resume_from)
 
-    # ----- model, learning rate, engine -----
     ds_config = deepspeed_config(recipe)
-    model = load_model(recipe, tokenizer, device)
-    lr = _peak_lr(recipe, dataset, world_size, model.config.model_type)
+    model = load_model(recipe, tokenizer, dist.device)
+    lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
+    engine = _engine(recipe, ds_config, model, lr, total_steps, dist.device)
+    return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
+               loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=resume_from, lr=lr,
+               total_steps=total_steps, planned_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
+               progress=Progress(last_checkpoint=resume_from))
+
+
+def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
+            device: torch.device) -> Any:
+    """The DeepSpeed engine around the loss wrapper, with our AdamW and schedule unless the user's file has its own."""
+    t = recipe.train
     chunks = num_chunks_for(t.batch_max_len) if recipe.deepspeed.zero_stage == 3 else None  # same lm_head calls
     wrapped = WeightedLossModel(model, num_chunks=chunks)
     if "optimizer" in ds_config:  # the user's DeepSpeed file defines its own optimizer
@@ -477,117 +244,140 @@ def train(recipe: Recipe) -> dict[str, Any]:
         model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=[p for p in wrapped.parameters() if p.requires_grad] if optimizer is None else None,
     )
+    return engine
 
-    # ----- resume -----
-    state: dict[str, Any] = {"step": 0, "tokens_seen": 0}
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(engine, resume_from, rank)
-        loader.load_state_dict(saved["loader"])
-        state.update({k: saved[k] for k in ("step", "tokens_seen", "wandb_run_id") if k in saved})
-        logger.info(f"resumed from {resume_from} (step {state['step']}, epoch {saved['loader']['epoch']})")
-    metrics_path = os.path.join(output_dir, METRICS_FILE)
-    if rank == 0:
-        dropped = truncate_metrics(metrics_path, state["step"])
+
+def maybe_resume(run: Run) -> None:
+    """Load the checkpoint chosen in :func:`set_up` (if any); drop the metrics lines logged after it."""
+    progress = run.progress
+    if run.resume_from is not None:
+        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank)
+        run.loader.load_state_dict(saved["loader"])
+        progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
+        progress.wandb_run_id = saved.get("wandb_run_id")
+        logger.info(f"resumed from {run.resume_from} (step {progress.step}, epoch {saved['loader']['epoch']})")
+    if run.dist.rank == 0:
+        dropped = truncate_metrics(os.path.join(run.recipe.train.output_dir, METRICS_FILE), progress.step)
         if dropped:
             logger.info(f"{METRICS_FILE}: dropped {dropped} line(s) logged after the checkpoint")
 
-    def trainer_state(epoch_progress: float) -> dict[str, Any]:
-        return {
-            "step": state["step"],
-            "epoch_progress": epoch_progress,
-            "loader": loader.state_dict(),
-            "fingerprint": fingerprint,
-            "tokens_seen": state["tokens_seen"],
-            "lr": lr,
-            "total_steps": total_steps,
-            "world_size": world_size,
-            "zero_stage": recipe.deepspeed.zero_stage,
-            "dtype": m.dtype,
-            "template": m.template,
-            "param_prefix": "model.",  # WeightedLossModel holds the Hugging Face model as .model
-            "recipe": recipe.to_dict(),
-            **({"wandb_run_id": state["wandb_run_id"]} if "wandb_run_id" in state else {}),
-        }
 
-    def save(epoch_progress: float) -> str:
-        return ckpt.save_checkpoint(
-            engine, output_dir, state["step"], trainer_state(epoch_progress),
-            hf_files=lambda d: ckpt.save_hf_files(model, tokenizer, template, d),
-            keep_last=t.keep_last, rank=rank, barrier=barrier,
+def open_run_log(run: Run) -> RunLog:
+    """The metrics file, progress bar and wandb run on rank 0 (a disabled log elsewhere)."""
+    wandb_run = None
+    if run.dist.rank == 0:
+        wandb_run, run.progress.wandb_run_id = start_wandb(run.recipe, run.progress.wandb_run_id)
+    return RunLog(os.path.join(run.recipe.train.output_dir, METRICS_FILE), run.planned_steps, run.progress.step,
+                  run.recipe.logging.log_every, wandb_run, enabled=run.dist.rank == 0)
+
+
+def on_epoch_start(run: Run, step: PackedStep) -> None:
+    """The first step of an epoch (or of a resumed run) is due: the place for per-epoch reports."""
+    run.progress.epoch = step.epoch
+    resumed = f", resumed at step {step.step_in_epoch + 1}" if step.step_in_epoch else ""
+    logger.info(f"epoch {step.epoch + 1}/{run.recipe.train.epochs}: {step.steps_per_epoch} steps{resumed}")
+
+
+def advance(progress: Progress, step: PackedStep, metrics: dict[str, float], step_time_s: float) -> dict[str, Any]:
+    """Count the step done; returns its ``metrics.jsonl`` record."""
+    progress.step += 1
+    progress.tokens_seen += step.global_num_tokens
+    progress.last_loss = metrics.pop("loss")
+    return {
+        "step": progress.step,
+        "epoch": round(_epoch_progress(step), 4),
+        "loss": progress.last_loss,
+        "lr": metrics.pop("lr"),
+        "num_tokens": step.global_num_tokens,
+        "tokens_per_s": step.global_num_tokens / step_time_s,
+        "step_time_s": step_time_s,
+        "tokens_seen": progress.tokens_seen,
+        **metrics,
+    }
+
+
+def checkpoint_and_export(run: Run, step: PackedStep) -> None:
+    """Checkpoint at an epoch end, at ``max_steps`` and every ``save_every_steps``; export at each epoch end."""
+    t, progress = run.recipe.train, run.progress
+    epoch_end = step.step_in_epoch + 1 == step.steps_per_epoch
+    periodic = bool(t.save_every_steps and progress.step % t.save_every_steps == 0)
+    if epoch_end or run.reached_max_steps() or periodic:
+        progress.last_checkpoint = ckpt.save_checkpoint(
+            run.engine, t.output_dir, progress.step, _trainer_state(run, _epoch_progress(step)),
+            hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d),
+            keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
         )
+    if epoch_end:
+        progress.epoch_export = (progress.step, _export(run, progress.last_checkpoint, f"epoch_{step.epoch + 1}"))
 
-    def export(checkpoint: str, name: str, copy_of: str | None = None) -> str:
-        out = os.path.join(output_dir, ckpt.EXPORT_DIR, name)
-        if rank == 0:
-            if copy_of:
-                ckpt.link_or_copy_tree(copy_of, out)
-            else:
-                ckpt.export_checkpoint(checkpoint, out, log=logger.info)
-        barrier()
-        return out
 
-    # ----- the loop -----
-    sigkill_after = int(os.environ.get(SIGKILL_AFTER_STEP_ENV, "0") or 0)
-    log = RunLog(metrics_path, planned_steps, state["step"], recipe.logging.log_every,
-                 _start_wandb(recipe, state) if rank == 0 else None, enabled=rank == 0)
-    last_checkpoint = resume_from
-    epoch_export: tuple[int, str] | None = None  # (step, path) of the newest epoch export
-    last_loss = float("nan")
-    engine.train()
-    try:
-        stopped_early = bool(t.max_steps and state["step"] >= t.max_steps)
-        for step in ([] if stopped_early else loader):
-            t0 = time.perf_counter()
-            metrics = train_step(engine, step, world_size=world_size, grad_accum=t.grad_accum,
-                                 loss_normalization=t.loss_normalization, conditions=conditions, device=device)
-            step_time_s = time.perf_counter() - t0
-            state["step"] += 1
-            state["tokens_seen"] += step.global_num_tokens
-            epoch_progress = step.epoch + (step.step_in_epoch + 1) / step.steps_per_epoch
-            last_loss = metrics.pop("loss")
-            log.step({
-                "step": state["step"],
-                "epoch": round(epoch_progress, 4),
-                "loss": last_loss,
-                "lr": metrics.pop("lr"),
-                "num_tokens": step.global_num_tokens,
-                "tokens_per_s": step.global_num_tokens / step_time_s,
-                "step_time_s": step_time_s,
-                "tokens_seen": state["tokens_seen"],
-                **metrics,
-            })
-
-            epoch_end = step.step_in_epoch + 1 == step.steps_per_epoch
-            stopped_early = bool(t.max_steps and state["step"] >= t.max_steps)
-            periodic = bool(t.save_every_steps and state["step"] % t.save_every_steps == 0)
-            if epoch_end or stopped_early or periodic:
-                last_checkpoint = save(epoch_progress)
-            if epoch_end:
-                epoch_export = (state["step"], export(last_checkpoint, f"epoch_{step.epoch + 1}"))
-            if sigkill_after and state["step"] == sigkill_after and rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stopped_early:
-                break
-    finally:
-        log.close(last_loss)
-
-    # ----- the end -----
+def finish(run: Run) -> dict[str, Any]:
+    """The final export (a link to the epoch export of the same step when there is one), then leave the group."""
+    progress = run.progress
     final_export = None
-    if last_checkpoint is not None:
+    if progress.last_checkpoint is not None:
         # The last step always has a checkpoint (epoch end or max_steps); an epoch export of it is linked, not redone.
-        reuse = epoch_export[1] if epoch_export and epoch_export[0] == state["step"] else None
-        final_export = export(last_checkpoint, "final", copy_of=reuse)
-    logger.info(f"done: {state['step']} steps; final export {final_export}")
+        epoch_export = progress.epoch_export
+        reuse = epoch_export[1] if epoch_export and epoch_export[0] == progress.step else None
+        final_export = _export(run, progress.last_checkpoint, "final", copy_of=reuse)
+    logger.info(f"done: {progress.step} steps; final export {final_export}")
     barrier()
     torch.distributed.destroy_process_group()
-    return {"step": state["step"], "final_loss": last_loss, "export": final_export, "checkpoint": last_checkpoint}
+    return {"step": progress.step, "final_loss": progress.last_loss, "export": final_export,
+            "checkpoint": progress.last_checkpoint}
+
+
+def _epoch_progress(step: PackedStep) -> float:
+    return step.epoch + (step.step_in_epoch + 1) / step.steps_per_epoch
+
+
+def _trainer_state(run: Run, epoch_progress: float) -> dict[str, Any]:
+    """What a checkpoint records besides DeepSpeed's own state."""
+    progress, m = run.progress, run.recipe.model
+    return {
+        "step": progress.step,
+        "epoch_progress": epoch_progress,
+        "loader": run.loader.state_dict(),
+        "fingerprint": run.fingerprint,
+        "tokens_seen": progress.tokens_seen,
+        "lr": run.lr,
+        "total_steps": run.total_steps,
+        "world_size": run.dist.world_size,
+        "zero_stage": run.recipe.deepspeed.zero_stage,
+        "dtype": m.dtype,
+        "template": m.template,
+        "param_prefix": "model.",  # WeightedLossModel holds the Hugging Face model as .model
+        "recipe": run.recipe.to_dict(),
+        **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id is not None else {}),
+    }
+
+
+def _export(run: Run, checkpoint: str, name: str, copy_of: str | None = None) -> str:
+    """Export ``checkpoint`` to ``export/NAME`` on rank 0 (or link ``copy_of``, the same step's export)."""
+    out = os.path.join(run.recipe.train.output_dir, ckpt.EXPORT_DIR, name)
+    if run.dist.rank == 0:
+        if copy_of:
+            link_or_copy_tree(copy_of, out)
+        else:
+            export_checkpoint(checkpoint, out, log=logger.info)
+    barrier()
+    return out
+
+
+def _configure_logging(rank: int) -> None:
+    # DeepSpeed 0.19 still calls these torch.distributed functions; the warning repeats on every rank and step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("crlft").setLevel(level)
+    # DeepSpeed's INFO lines (configs, timers) drown the progress bar; its warnings and errors stay.
+    deepspeed_logger.setLevel(logging.DEBUG if os.environ.get("CRLFT_DEBUG") else logging.WARNING)
 
 
 def _peak_lr(recipe: Recipe, dataset: Any, world_size: int, model_type: str) -> float:
     """The recipe's lr, or ``auto``: OpenChat's rule (``crlft.plan.resolve_lr``, the same numbers ``crlft plan``
     prints); logged with the numbers it came from."""
-    from crlft.plan import dataset_token_counts, resolve_lr, supervised_tokens_per_step
-
     t = recipe.train
     tokens_per_step = None
     if t.lr == "auto":
@@ -600,17 +390,4 @@ def _peak_lr(recipe: Recipe, dataset: Any, world_size: int, model_type: str) -> 
     return lr
 
 
-__all__ = [
-    "METRICS_FILE",
-    "RunLog",
-    "build_optimizer",
-    "data_fingerprint",
-    "init_distributed",
-    "lr_factor",
-    "lr_scheduler_factory",
-    "num_warmup_steps",
-    "resume_fingerprint",
-    "train",
-    "train_step",
-    "truncate_metrics",
-]
+__all__ = ["Progress", "Run", "train", "train_step"]

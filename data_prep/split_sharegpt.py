@@ -23,6 +23,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+from crlft.jsonl import read_jsonl
+
 
 def is_gpt4(model: object) -> bool:
     """Whether a ``model`` field names GPT-4 (contains "gpt-4", any case)."""
@@ -48,17 +50,10 @@ def read_records(path: str) -> Iterator[dict]:
                 raise ValueError(f"{path} (record {i}): a record must be a JSON object")
             yield record
         return
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON at column {e.colno}: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: a record must be a JSON object")
-            yield record
+    for line_number, record in read_jsonl(path):  # its JsonLineError is a ValueError naming file and line
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: a record must be a JSON object")
+        yield record
 
 
 def split_sharegpt(in_path: str, out_dir: str) -> dict[str, int]:

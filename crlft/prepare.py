@@ -1,0 +1,351 @@
+"""``crlft prepare``: the recipe's sources → one tokenized dataset in ``data.output_dir``, reused while unchanged.
+
+The output holds one row per conversation (``input_ids`` int32, unshifted ``loss_weights`` float32, ``length``,
+``source``, ``index``, ``condition``), ``prepare_report.json`` and ``crlft_meta.json`` (everything the rows depend
+on); it is written into a temporary sibling and renamed into place, so a crash never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+
+from crlft import __version__
+from crlft.config import Recipe, SourceConfig
+from crlft.errors import UserError
+from crlft.formats import is_local_path, read_source, reward_to_weight
+from crlft.model import ensure_base_model
+from crlft.report import build_report, format_report
+from crlft.rows import STAT_COLUMNS, SourceJob, process_batch, record_locations, row_features
+from crlft.templates import TEMPLATES
+from crlft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+META_FILE = "crlft_meta.json"
+REPORT_FILE = "prepare_report.json"
+
+# Bump when the rows prepare writes change for the same inputs, so older outputs are regenerated.
+PREPARED_FORMAT_VERSION = 1
+
+# Records per map batch: large enough that datasets' per-batch work is amortised.
+MAP_BATCH_SIZE = 1000
+
+# How many skipped-record messages the report keeps (the count is always complete).
+MAX_ERROR_EXAMPLES = 20
+
+
+def _file_signature(path: str) -> dict[str, Any]:
+    """Size, mtime and a content hash of a file (whole file up to 64 MiB, else 64 spread 1 MiB samples)."""
+    stat = os.stat(path)
+    digest = hashlib.blake2b(digest_size=16)
+    chunk = 1 << 20
+    with open(path, "rb") as f:
+        if stat.st_size <= 64 * chunk:
+            for block in iter(lambda: f.read(chunk), b""):
+                digest.update(block)
+        else:
+            for i in range(64):
+                f.seek((stat.st_size - chunk) * i // 63)
+                digest.update(f.read(chunk))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": digest.hexdigest()}
+
+
+
+# Loaded tokenizers and their fingerprints, keyed by template and the tokenizer directory's file signatures:
+# loading and fingerprinting take seconds, and the trainer, `is_prepared` and `prepare` all need them.
+_TOKENIZER_CACHE: dict[tuple, tuple[Any, str]] = {}
+
+
+def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
+    m = recipe.model
+    name = m.tokenizer or m.base
+    if not m.tokenizer and m.create_if_missing is not None:
+        # The demo's base (random weights + the template's tokenizer) does not exist before the first run; create
+        # it here so prepare, which runs before any rank, finds its tokenizer.
+
+        ensure_base_model(recipe)
+    if os.path.isdir(name):
+        files = tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                             for entry in os.scandir(name) if entry.is_file()))
+        key: tuple = (m.template, os.path.abspath(name), files)
+    else:
+        key = (m.template, name)
+    cached = _TOKENIZER_CACHE.get(key)
+    if cached is None:
+        where = recipe.where("model", "tokenizer" if m.tokenizer else "base")
+        try:
+            tokenizer = load_tokenizer(name, TEMPLATES[m.template])
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where}: cannot load the tokenizer from {name!r}: {e}") from None
+        cached = (tokenizer, tokenizer_fingerprint(tokenizer))
+        if len(_TOKENIZER_CACHE) >= 4:
+            _TOKENIZER_CACHE.clear()
+        _TOKENIZER_CACHE[key] = cached
+    return cached
+
+
+def recipe_tokenizer(recipe: Recipe):
+    return _tokenizer_and_fingerprint(recipe)[0]
+
+
+def _expected_meta(recipe: Recipe, tokenizer_fingerprint: str) -> dict[str, Any]:
+    """Everything the prepared rows depend on, as plain JSON data (compared to decide reuse)."""
+    d = recipe.data
+    sources = []
+    for s in d.sources:
+        entry = dataclasses.asdict(s)
+        path = os.path.expanduser(s.path)
+        entry["file"] = _file_signature(path) if os.path.isfile(path) else None
+        sources.append(entry)
+    inputs = {
+        "format_version": PREPARED_FORMAT_VERSION,
+        "crlft_version": __version__,
+        "template": recipe.model.template,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "max_context": recipe.model.max_context,
+        "reward_to_weight": d.reward_to_weight,
+        "beta": d.beta,
+        "per_sequence_loss": d.per_sequence_loss,
+        "sources": sources,
+    }
+    return json.loads(json.dumps(inputs))  # the form it has after a round trip through the file
+
+
+def _read_meta(output_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(output_dir, META_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_prepared(recipe: Recipe) -> bool:
+    """Whether ``data.output_dir`` holds a complete dataset prepared from exactly these inputs.
+
+    Loads the tokenizer (never model weights; cached per process) and hashes the source files.
+
+    Args:
+        recipe: The recipe.
+
+    Returns:
+        True when ``crlft prepare`` would reuse the output as it is.
+    """
+    meta = _read_meta(recipe.data.output_dir)
+    if meta is None:
+        return False
+    return meta.get("inputs") == _expected_meta(recipe, _tokenizer_and_fingerprint(recipe)[1])
+
+
+def load_prepared(recipe: Recipe, check: bool = True):
+    """The prepared dataset of a recipe (``datasets.Dataset``; columns as described in this module's docstring).
+
+    Args:
+        recipe: The recipe.
+        check: Verify first that the output matches the recipe's current inputs (loads the tokenizer).
+
+    Raises:
+        UserError: Nothing prepared yet, or prepared from other inputs (run ``crlft prepare`` again).
+    """
+
+    output_dir = recipe.data.output_dir
+    if _read_meta(output_dir) is None:
+        raise UserError(f"no prepared dataset in {output_dir} ({recipe.where('data', 'output_dir')}); "
+                        f"run `crlft prepare {recipe.source_path or 'RECIPE.yaml'}` first")
+    if check and not is_prepared(recipe):
+        raise UserError(f"the prepared dataset in {output_dir} was made from other inputs (data, template, "
+                        f"tokenizer or max_context changed); run `crlft prepare {recipe.source_path or 'RECIPE.yaml'}`")
+    return datasets.load_from_disk(output_dir)
+
+
+def generate_missing_sources(recipe: Recipe, log: Callable[[str], None]) -> None:
+    """Run ``data.generate`` (a shell command, e.g. the demo's data generator) when a local source file is missing.
+
+    Raises:
+        UserError: The command fails. (Files still missing afterwards are reported by ``read_source``.)
+    """
+    command = recipe.data.generate
+    missing = [s.path for s in recipe.data.sources
+               if is_local_path(os.path.expanduser(s.path)) and not os.path.isfile(os.path.expanduser(s.path))]
+    if not command or not missing:
+        return
+    log(f"missing source file(s) {', '.join(missing)}: running data.generate: {command}")
+    result = subprocess.run(command, shell=True)
+    if result.returncode != 0:
+        raise UserError(f"{recipe.where('data', 'generate')}: the command {command!r} failed with exit code "
+                        f"{result.returncode}")
+
+
+def _default_num_proc() -> int:
+    try:
+        num_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        num_cpus = os.cpu_count() or 1
+    return max(1, min(num_cpus, 16))
+
+
+def source_job(recipe: Recipe, source: SourceConfig) -> SourceJob:
+    d = recipe.data
+    return SourceJob(
+        name=source.name,
+        path=os.path.expanduser(source.path),
+        format=source.format,
+        condition=source.condition,
+        assistant_weight=reward_to_weight(source.reward, d.reward_to_weight, d.beta),
+        on_error=source.on_error,
+        template=recipe.model.template,
+        max_context=recipe.model.max_context,
+        per_sequence_loss=d.per_sequence_loss,
+    )
+
+
+def _map_source(records, job: SourceJob, tokenizer, num_proc: int, cache_file: str | None, fingerprint: str):
+    """Run ``process_batch`` over a source's records in ``num_proc`` processes."""
+    num_proc = max(1, min(num_proc, len(records)))
+    batch_size = max(1, min(MAP_BATCH_SIZE, math.ceil(len(records) / num_proc)))
+    # With worker processes on every core, the tokenizer's own thread pool in each worker only oversubscribes the
+    # cores; the workers inherit the setting at fork, and the parent's is restored afterwards.
+    saved_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return records.map(
+            process_batch,
+            batched=True,
+            batch_size=batch_size,
+            with_indices=True,
+            fn_kwargs={"job": job, "tokenizer": tokenizer},
+            remove_columns=records.column_names,
+            features=row_features(),
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=cache_file,
+            new_fingerprint=fingerprint,  # hashing the tokenizer for datasets' own fingerprint would be slow
+            load_from_cache_file=False,
+            desc=f"tokenize {job.name}",
+        )
+    finally:
+        if saved_parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved_parallelism
+
+
+def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
+            log: Callable[[str], None] = print, stats: dict[str, Any] | None = None) -> str:
+    """Tokenize the recipe's sources into ``data.output_dir`` (or reuse it when its inputs are unchanged).
+
+    Args:
+        recipe: The validated recipe.
+        force: Regenerate even when the output is up to date.
+        num_proc: Worker processes; default ``data.num_proc``, else the CPU count (at most 16).
+        log: Where progress lines and the report table go.
+        stats: If given, receives ``timings`` (seconds per stage) and the ``report`` (for benchmarks).
+
+    Returns:
+        The output directory.
+
+    Raises:
+        UserError: Bad input (missing file, malformed record, ...) or no conversation left to train on.
+    """
+
+    output_dir = recipe.data.output_dir
+    generate_missing_sources(recipe, log)
+    tokenizer, fingerprint = _tokenizer_and_fingerprint(recipe)
+    meta_inputs = _expected_meta(recipe, fingerprint)
+    old_meta = _read_meta(output_dir)
+    if not force and old_meta is not None and old_meta.get("inputs") == meta_inputs:
+        log(f"{output_dir}: up to date ({old_meta.get('num_rows', '?')} rows); nothing to do")
+        return output_dir
+    if old_meta is None and os.path.isdir(output_dir) and os.listdir(output_dir):
+        # Never delete a directory crlft did not write.
+        raise UserError(f"data.output_dir {output_dir} ({recipe.where('data', 'output_dir')}) exists and is not a "
+                        "crlft prepared dataset; remove it or choose another directory")
+
+    explicit_num_proc = num_proc or recipe.data.num_proc
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.tmp-", dir=parent)
+    try:
+        timings: dict[str, float] = {}
+        parts, stat_tables, repeats, error_examples = [], [], {}, []
+        inputs_hash = hashlib.sha256(json.dumps(meta_inputs, sort_keys=True).encode()).hexdigest()[:16]
+        for i, source in enumerate(recipe.data.sources):
+            t0 = time.perf_counter()
+            records = read_source(source, cache_dir=os.path.join(work_dir, "cache"),
+                                  where=recipe.where("data", "sources", i, "path"))
+            if source.max_samples is not None and source.max_samples < len(records):
+                records = records.select(range(source.max_samples))
+            t1 = time.perf_counter()
+            # Worker processes pay off only for sources of a few batches, unless asked for explicitly.
+            source_num_proc = explicit_num_proc or min(_default_num_proc(), max(1, len(records) // MAP_BATCH_SIZE))
+            job = source_job(recipe, source)
+            rows = _map_source(records, job, tokenizer, source_num_proc,
+                               os.path.join(work_dir, f"rows-{i}.arrow"), f"{inputs_hash}-{i}")
+            t2 = time.perf_counter()
+            timings[f"read {source.name}"] = t1 - t0
+            timings[f"tokenize {source.name}"] = t2 - t1
+            row_stats = rows.data.table.select(["source", "condition", "index", "length", *STAT_COLUMNS])
+            stat_tables.append(row_stats)
+            error_examples.extend(_error_examples(row_stats, job.path, MAX_ERROR_EXAMPLES - len(error_examples)))
+            repeats[source.name] = source.repeat
+            keep = _kept_row_numbers(row_stats)
+            kept = rows.select(keep) if len(keep) < len(rows) else rows
+            kept = kept.remove_columns(list(STAT_COLUMNS))
+            parts.extend([kept] * source.repeat)
+
+        report = build_report(stat_tables, repeats, error_examples)
+        log(format_report(report))
+        if report["total"]["rows"] == 0:
+            raise UserError("no conversation left to train on (see the report above)")
+        t0 = time.perf_counter()
+        dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        staged = os.path.join(work_dir, "dataset")
+        dataset.save_to_disk(staged)
+        with open(os.path.join(staged, REPORT_FILE), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        meta = {"inputs": meta_inputs, "num_rows": len(dataset), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with open(os.path.join(staged, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        _replace_dir(staged, output_dir, os.path.join(work_dir, "old"))
+        timings["write"] = time.perf_counter() - t0
+        log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        if stats is not None:
+            stats.update(timings=timings, report=report)
+        log(f"wrote {len(dataset)} rows to {output_dir} (report: {os.path.join(output_dir, REPORT_FILE)})")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return output_dir
+
+
+def _error_examples(row_stats, path: str, limit: int) -> list[str]:
+    """Located messages of the first ``limit`` skipped records of a source."""
+
+    if limit <= 0:
+        return []
+    errors = row_stats.filter(pc.equal(row_stats.column("_drop"), "error")).slice(0, limit)
+    indices = errors.column("index").to_pylist()
+    locations = record_locations(path, indices)
+    return [f"{locations[i]}: {message}" for i, message in zip(indices, errors.column("_error").to_pylist())]
+
+
+def _kept_row_numbers(stats) -> list[int]:
+    return np.flatnonzero(pc.equal(stats.column("_drop"), "").to_numpy(zero_copy_only=False)).tolist()
+
+
+def _replace_dir(new: str, target: str, trash: str) -> None:
+    """Move ``new`` to ``target``; an old ``target`` is moved aside first and deleted after."""
+    if os.path.exists(target):
+        os.rename(target, trash)
+    os.rename(new, target)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,273 @@
+"""Helpers shared by the tests: the tiny model's shape, synthetic data and recipes, running the trainer.
+
+Everything is built offline (the tokenizer from the SentencePiece model inside ``mistral-common``); nothing reads
+``/work/shared``. DeepSpeed runs are subprocesses on the CPU accelerator (gloo), ``OMP_NUM_THREADS=1`` so two ranks
+share two cores without oversubscription.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from crlft.config import load_recipe
+from crlft.dist import free_port
+from crlft.prepare import prepare
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny Mistral with the real 32,002-token vocabulary (OpenChat 3.5 tokenizer): 2 layers, hidden 64.
+TINY_MISTRAL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+}
+
+# From the OpenChat 3.5 model card: messages user "Hello", assistant "Hi", user "How are you today?" rendered with
+# add_generation_prompt=True.
+CARD_MESSAGES = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi"},
+    {"role": "user", "content": "How are you today?"},
+]
+CARD_MULTI_TURN_IDS = [
+    1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 22557, 32000, 420, 6316, 28781, 3198, 3123, 21631, 28747, 15359,
+    32000, 420, 6316, 28781, 3198, 3123, 1247, 28747, 1602, 460, 368, 3154, 28804, 32000, 420, 6316, 28781, 3198,
+    3123, 21631, 28747,
+]
+END_OF_TURN_ID, PAD_ID = 32000, 32001
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic data and recipes
+# --------------------------------------------------------------------------------------------------------------
+
+_WORDS = ("red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "sun", "moon", "star")
+
+
+def synthetic_conversations(num: int, seed: int, style: str) -> list[dict]:
+    """ShareGPT records with a learnable pattern: the assistant repeats the user's words in a fixed form.
+
+    ``style="good"`` answers correctly, ``"bad"`` answers with the words reversed (the sub-optimal class).
+    """
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 6))]
+        answer = words if style == "good" else list(reversed(words))
+        turns = [
+            {"from": "human", "value": "Repeat: " + " ".join(words)},
+            {"from": "gpt", "value": "You said " + ", ".join(answer) + "."},
+        ]
+        if rng.random() < 0.3:
+            turns += [{"from": "human", "value": "Again?"}, {"from": "gpt", "value": "Yes: " + " ".join(answer)}]
+        records.append({"conversations": turns})
+    return records
+
+
+def write_jsonl(path, records: list[dict]) -> str:
+    """Write records as JSON lines; returns the path."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def write_recipe(
+    tmp_path,
+    base_dir: str,
+    *,
+    num_good: int = 32,
+    num_bad: int = 16,
+    data_seed: int = 0,
+    name: str = "recipe.yaml",
+    **train: object,
+) -> str:
+    """A recipe for the tiny model on fresh synthetic data in ``tmp_path`` (GPT4 reward 1.0, GPT3 reward 0.1).
+
+    Keyword arguments override ``train`` keys (``epochs=2``...); ``zero_stage`` and ``dtype`` go to their sections.
+    """
+    zero_stage = train.pop("zero_stage", 2)
+    dtype = train.pop("dtype", "float32")
+    good = write_jsonl(tmp_path / "good.jsonl", synthetic_conversations(num_good, data_seed, "good"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", synthetic_conversations(num_bad, data_seed + 1, "bad"))
+    train_section = {
+        "output_dir": str(tmp_path / "run"),
+        "epochs": 3,
+        "batch_max_len": 256,
+        "lr": 2e-3,
+        "lr_warmup_ratio": 0.1,
+        "grad_accum": 1,
+        "pad_to_multiple_of": 64,
+        "keep_last": 2,
+        **train,
+    }
+    text = textwrap.dedent(f"""\
+        model:
+          base: {base_dir}
+          template: openchat_3.5
+          max_context: 256
+          dtype: {dtype}
+          attn_implementation: auto
+        data:
+          output_dir: {tmp_path / "data"}
+          num_proc: 1
+          sources:
+            - name: gpt4
+              path: {good}
+              format: sharegpt
+              condition: GPT4 Correct
+              reward: 1.0
+            - name: gpt3
+              path: {bad}
+              format: sharegpt
+              condition: GPT3
+              reward: 0.1
+        deepspeed:
+          zero_stage: {zero_stage}
+        """)
+    text += "train:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in train_section.items())
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+
+def prepare_recipe(recipe_path: str, overrides: tuple[str, ...] = ()) -> None:
+    """``crlft prepare`` in this process (quietly)."""
+    prepare(load_recipe(recipe_path, list(overrides)), log=lambda _: None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the trainer
+# --------------------------------------------------------------------------------------------------------------
+
+def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for trainer subprocesses: the repo importable, CPU DeepSpeed, one thread per rank, no network."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update({
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    env.update(extra or {})
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: int, check: bool) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        tail = (result.stdout + "\n" + result.stderr)[-6000:]
+        raise AssertionError(f"{' '.join(cmd)} exited with {result.returncode}:\n{tail}")
+    return result
+
+
+def deepspeed_command() -> str:
+    """The ``deepspeed`` launcher of this Python (next to the interpreter), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return beside if os.path.isfile(beside) else (shutil.which("deepspeed") or "deepspeed")
+
+
+def run_deepspeed(recipe_path: str, overrides: tuple[str, ...] = (), num_ranks: int = 2, env: dict | None = None,
+                  timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --module crlft.train RECIPE overrides`` on CPU ranks."""
+    cmd = [deepspeed_command(), "--num_gpus", str(num_ranks),
+           "--master_port", str(free_port()), "--module", "crlft.train", recipe_path, *overrides]
+    return _run(cmd, run_env(env), timeout, check)
+
+
+def run_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | None = None, timeout: int = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m crlft.train RECIPE overrides`` without a launcher: a world of one in one process."""
+    cmd = [sys.executable, "-m", "crlft.train", recipe_path, *overrides]
+    return _run(cmd, run_env(env), timeout, check)
+
+
+
+def run_deepspeed_killed_after_step(recipe_path: str, overrides: tuple[str, ...], output_dir: str, step: int,
+                                    num_ranks: int = 2, timeout: int = 600) -> int:
+    """Like :func:`run_deepspeed`, but SIGKILL the launcher and every rank once ``metrics.jsonl`` logs ``step``.
+
+    The kill comes from outside, as when a machine dies: the whole process group at once, no chance to clean up.
+
+    Returns:
+        The launcher's exit status (negative: killed by that signal).
+    """
+    cmd = [deepspeed_command(), "--num_gpus", str(num_ranks),
+           "--master_port", str(free_port()), "--module", "crlft.train", recipe_path, *overrides]
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if _complete_lines(metrics) >= step:
+                break
+            time.sleep(0.002)  # a step of the tiny model takes far longer than this
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.wait(timeout=60)
+
+
+def _complete_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    """The records of ``output_dir/metrics.jsonl``."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_safetensors_dir(model_dir: str) -> dict:
+    """All tensors of an exported model directory, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(model_dir, name)))
+    return tensors
+
+
+E2E_EPOCHS = 3
+E2E_SETTINGS = {"epochs": E2E_EPOCHS, "save_every_steps": 4, "keep_last": 2}
+
+
+def tiny_mistral(vocab=64, tied=False):
+    """A 2-layer random Mistral (fp32, sdpa), its lm_head tied to the input embeddings or not."""
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa", tie_word_embeddings=tied,
+    )
+    model = MistralForCausalLM(config).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model
+
