@@ -537,6 +537,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     try:
         stopped_early = bool(t.max_steps and state["step"] >= t.max_steps)
         for step in ([] if stopped_early else loader):
+            if step.step_in_epoch == 0 and rank == 0:
+                _log_class_mixing(loader, step.epoch)
             t0 = time.perf_counter()
             metrics = train_step(engine, step, world_size=world_size, grad_accum=t.grad_accum,
                                  loss_normalization=t.loss_normalization, conditions=conditions, device=device)
@@ -581,6 +583,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
     barrier()
     torch.distributed.destroy_process_group()
     return {"step": state["step"], "final_loss": last_loss, "export": final_export, "checkpoint": last_checkpoint}
+
+
+def _log_class_mixing(loader: Any, epoch: int) -> None:
+    """Logs how many of the epoch's steps hold one condition only, and warns when far more than random steps would.
+
+    Under ``loss_normalization: weight_sum`` the rewards weigh classes only against each other within a step: in a
+    one-class step, sub-optimal data moves the model as much as expert data.
+    """
+    mixing = loader.class_mixing(epoch)
+    if mixing is None or mixing.num_classes < 2:
+        return
+    line = (
+        f"epoch {epoch + 1}: {mixing.one_class_share:.1%} of {mixing.num_steps} steps hold one condition only "
+        f"(random steps of the same sizes: {mixing.random_one_class_share:.1%})"
+    )
+    if mixing.is_far_from_random:
+        logger.warning(line + ": far more than random; in those steps the rewards cannot weigh classes against "
+                       "each other (see the README's loss section)")
+    else:
+        logger.info(line)
 
 
 def _peak_lr(recipe: Recipe, dataset: Any, world_size: int, model_type: str) -> float:
