@@ -30,6 +30,7 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # crlft, from a checkout
 from crlft.loader import PackedLoader  # noqa: E402
+from crlft.mixing import compare_with_random  # noqa: E402
 from crlft.packing import EpochPlan, plan_epoch, plan_stats  # noqa: E402
 
 
@@ -43,6 +44,30 @@ def bimodal_lengths(num_conversations: int, rng: np.random.Generator) -> np.ndar
     short = rng.integers(40, 301, num_conversations)
     long = rng.integers(3000, 8193, num_conversations)
     return np.where(rng.random(num_conversations) < 0.9, short, long).astype(np.int64)
+
+
+def two_class_lognormal(num_conversations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """15% expert conversations with log-normal lengths of median ~1000 tokens, the rest ~500 (sigma 1.0, clipped to
+    [16, 8192]); returns lengths and the expert flag."""
+    is_expert = rng.random(num_conversations) < 0.15
+    mu = np.where(is_expert, np.log(1000), np.log(500))
+    return np.clip(rng.lognormal(mu, 1.0), 16, 8192).astype(np.int64), is_expert
+
+
+def two_class_bimodal(num_conversations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The bimodal mix (short 40-300, long 3000-8192 tokens, 10% long overall) with 15% experts, 25% of whom are
+    long (7.4% of the rest)."""
+    is_expert = rng.random(num_conversations) < 0.15
+    is_long = rng.random(num_conversations) < np.where(is_expert, 0.25, 0.0735)
+    lengths = np.where(is_long, rng.integers(3000, 8193, num_conversations), rng.integers(40, 301, num_conversations))
+    return lengths.astype(np.int64), is_expert
+
+
+def demo_like(num_conversations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Like the demo: 15% experts of 29-33 tokens, the rest 28-32 (the demo's classes differ by ~1 token)."""
+    is_expert = rng.random(num_conversations) < 0.15
+    lengths = np.where(is_expert, rng.integers(29, 34, num_conversations), rng.integers(28, 33, num_conversations))
+    return lengths.astype(np.int64), is_expert
 
 
 def _first_fit_decreasing(sizes: np.ndarray, capacity: int, max_bins: int | None) -> list[list[int]] | None:
@@ -145,6 +170,41 @@ def loader_throughput(num_conversations: int, num_ranks: int, max_tokens: int, s
     )
 
 
+def mixing_table(num_conversations: int, seed: int) -> None:
+    """Prints how random the steps are for two classes of different lengths, beside random chunks of the stream."""
+    cases = [
+        ("lognormal", two_class_lognormal, num_conversations, [(1, 16384), (8, 77824)]),
+        ("bimodal", two_class_bimodal, num_conversations, [(1, 16384), (8, 77824)]),
+        ("demo-like", demo_like, 2000, [(2, 448)]),
+    ]
+    header = (
+        f"{'2-class mix':<12}{'ranks x tokens':>15} {'planner':<9}{'slot eff':>10}{'no-expert steps':>17}"
+        f"{'expert-share std':>18}{'mean-len std':>14}{'attn bal':>10}{'max/mean displ.':>17}"
+    )
+    print(
+        "\nMixing: 15% experts, longer than the rest. Each figure beside random chunks of a shuffle with the same "
+        "conversations per step (mean of 8); std across steps; displacement in steps from the stream position"
+    )
+    print(header)
+    print("-" * len(header))
+    for mix, make, n, layouts in cases:
+        lengths, is_expert = make(n, np.random.default_rng(seed))
+        for num_ranks, max_tokens in layouts:
+            plans = [("crlft", plan_epoch(lengths, max_tokens, num_ranks, seed, 0))]
+            plans.append(("openchat", multipack_baseline(lengths, max_tokens, num_ranks, seed, 0)[0]))
+            for name, plan in plans:
+                stats = plan_stats(plan, lengths, max_tokens)
+                m = compare_with_random(plan, lengths, is_expert, seed, 0)
+                displacement = f"{m.max_displacement_steps}/{m.mean_displacement_steps:.2f}" if name == "crlft" else ""
+                print(
+                    f"{mix:<12}{f'{num_ranks} x {max_tokens}':>15} {name:<9}{stats.slot_efficiency:>10.4%}"
+                    f"{f'{m.no_expert_share:.2%} ({m.random_no_expert_share:.2%})':>17}"
+                    f"{f'{m.expert_share_std / m.random_expert_share_std:.2f}x random':>18}"
+                    f"{f'{m.mean_length_std / m.random_mean_length_std:.2f}x random':>14}"
+                    f"{stats.attention_balance_mean:>10.3f}{displacement:>17}"
+                )
+
+
 def main() -> None:
     """Runs the benchmark and prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -196,6 +256,7 @@ def main() -> None:
                 f"{f'{a.attention_balance_mean / b.attention_balance_mean:.3f}':>20}"
                 f"{'':>11}{'(py)':>9}"
             )
+    mixing_table(args.num_conversations // 5, args.seed)
     print(loader_throughput(20_000, 8, 77824, args.seed))
     if not args.skip_million:
         lengths = lognormal_lengths(1_000_000, np.random.default_rng(args.seed))

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from crlft.collate import pack_row
 from crlft.errors import UserError
+from crlft.mixing import StepMixing, one_class_steps
 from crlft.packing import _PLAN_VERSION, EpochPlan, _bin_sums, _check_lengths, plan_epoch
 
 
@@ -195,6 +197,10 @@ class PackedLoader:
                 "max_context <= max_tokens"
             )
         _check_lengths(self.lengths, self.max_tokens)
+        self._class_codes = None  # condition of every row as a small integer, for the per-epoch mixing report
+        if self._has_condition:
+            conditions = dataset.select_columns(["condition"]).with_format("arrow")[:].column("condition")
+            self._class_codes = pc.dictionary_encode(conditions.combine_chunks()).indices.to_numpy()
         self._fingerprint = {
             "plan_version": _PLAN_VERSION,
             "seed": self.seed,
@@ -230,6 +236,12 @@ class PackedLoader:
                 del self._cache[old]
             self._cache[epoch] = totals
         return totals
+
+    def class_mixing(self, epoch: int) -> StepMixing | None:
+        """How many steps of ``epoch`` hold one condition only, beside random steps (None without conditions)."""
+        if self._class_codes is None:
+            return None
+        return one_class_steps(self._epoch_totals(epoch).plan, self._class_codes)
 
     def steps_per_epoch(self, epoch: int) -> int:
         """Optimizer steps in ``epoch`` (plans it if needed)."""

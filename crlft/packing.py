@@ -6,26 +6,23 @@ exactly once per epoch, nothing dropped. How it packs, and why, is in ``docs/des
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from typing import Any
 
 import numpy as np
 
 from crlft.errors import UserError
 
-# Planner tuning, chosen with benchmarks/bench_packing.py. Changing any of them changes the plans, so
-# _PLAN_VERSION must change too: it is part of the loader's resume fingerprint.
-_PLAN_VERSION = 1
-_WINDOW_STEPS = 16  # steps worth of tokens per look-ahead window: bounds how far a conversation can move
-_MIN_WINDOW_CONVERSATIONS = 2048  # smaller windows have fewer short conversations to close the gaps with
-_FULL_BIN_FRACTION = 0.998  # a bin at least this full is emitted; a less full one may move to the next window
-_SPREAD_FRACTION = 0.8  # share of a window's tokens (longest first) dealt out evenly before best-fit
-_SPREAD_TOLERANCE = 0.001  # spreading may cost at most this fraction of a window's tokens in full bins
-_MAX_CARRIES = 2  # a conversation moves to a later window at most this many times
+# Planner tuning, chosen with benchmarks/bench_packing.py. Changing it changes the plans, so _PLAN_VERSION must
+# change too: it is part of the loader's resume fingerprint.
+_PLAN_VERSION = 2
+_LOOKAHEAD_CONVERSATIONS = 64  # a step may fill its last gaps from at most this many conversations after it
+_MAX_SWAPS_PER_BIN = 1  # a bin's last gap may be closed by this many one-for-one swaps with the look-ahead
 
-_SHIFT = 1 << 32  # open bins are kept as remaining * _SHIFT + bin id in one sorted list of Python ints
+_SHIFT = 1 << 32  # sorted lists hold two ints in one: room or length * _SHIFT + bin id or stream position
 
 
 @dataclass(frozen=True)
@@ -99,124 +96,191 @@ def _check_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
     return lengths
 
 
-def _pack_window(
-    lengths: np.ndarray, max_tokens: int, place_first: np.ndarray, spread_fraction: float
-) -> tuple[np.ndarray, int]:
-    """Packs one window's conversations into bins of ``max_tokens``.
+def stream_order(num_conversations: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shuffled stream: position -> dataset index (what the plan's steps are drawn from, in order)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_conversations)
 
-    First the longest conversations, up to ``spread_fraction`` of the tokens that surely fill whole bins, are
-    dealt out over those bins in snake order (0, 1, ..., B-1, B-1, ..., 0, ...), so every bin gets a similar
-    share of the long, attention-heavy ones. Then the rest go best-fit-decreasing: longest first, each into the
-    bin it fills most tightly, opening a new bin only when none has room. With ``spread_fraction=0`` this is plain
-    best-fit-decreasing. Items flagged in ``place_first`` (moved on from the previous window) lead the order, so
-    they land in bins that later items fill up rather than in the left-over bins at the end.
+
+def _place_balanced(lengths: list[int], num_bins: int, capacity: int) -> tuple[list[int], list[int]]:
+    """Places items, in the given order, each into the bin of lowest attention cost that has room.
+
+    Given longest first, this is LPT scheduling on the attention cost (sum of squared lengths): the long,
+    attention-heavy conversations are spread over the bins, the short ones fill them up.
 
     Returns:
-        The bin id of every item (in the given order) and the number of bins. Ties keep the given order, so the
-        result is deterministic.
+        The bin of every item (-1: no bin had room) and the room left in every bin.
     """
-    order = np.lexsort((-lengths, ~place_first))
-    sorted_lengths = lengths[order]
-    bin_of_sorted = np.empty(len(lengths), dtype=np.int64)
-    num_bins, num_spread = 0, 0
-    bin_tokens = np.zeros(0, dtype=np.int64)
-    num_full_bins = int(sorted_lengths.sum() // max_tokens)
-    if spread_fraction > 0 and num_full_bins > 1:
-        budget = spread_fraction * num_full_bins * max_tokens
-        count = int(np.searchsorted(np.cumsum(sorted_lengths), budget, "right"))
-        rounds, slots = np.divmod(np.arange(count), num_full_bins)
-        snake = np.where(rounds % 2 == 0, slots, num_full_bins - 1 - slots)
-        dealt = np.bincount(snake, weights=sorted_lengths[:count], minlength=num_full_bins).astype(np.int64)
-        if dealt.max(initial=0) <= max_tokens:  # else (a few very long items) plain best-fit it is
-            num_bins, num_spread, bin_tokens = num_full_bins, count, dealt
-            bin_of_sorted[:count] = snake
+    heap = [(0, b) for b in range(num_bins)]  # (attention cost, bin), a valid heap as it is
+    room = [capacity] * num_bins
+    bin_of_item = [-1] * len(lengths)
+    min_length = min(lengths)
+    for i, length in enumerate(lengths):
+        full_for_this = []
+        while heap:
+            cost, b = heappop(heap)
+            if room[b] >= length:
+                room[b] -= length
+                bin_of_item[i] = b
+                if room[b] >= min_length:  # else no item of this step can go there any more
+                    heappush(heap, (cost + length * length, b))
+                break
+            full_for_this.append((cost, b))
+        for entry in full_for_this:
+            heappush(heap, entry)
+    return bin_of_item, room
 
-    # A bin with less room than the shortest item can never take another one: it leaves the open list.
-    min_length = int(lengths.min())
+
+def _place_tightly(lengths: list[int], num_bins: int, capacity: int) -> tuple[list[int], list[int]]:
+    """Best-fit: each item, in the given order, into the bin it fills most tightly. Same returns as above."""
     mask = _SHIFT - 1
-    open_bins = sorted(
-        int(room) * _SHIFT + b for b, room in enumerate((max_tokens - bin_tokens).tolist()) if room >= min_length
-    )
-    rest = sorted_lengths[num_spread:].tolist()
-    placed = [0] * len(rest)
-    for j, length in enumerate(rest):
-        i = bisect_left(open_bins, length * _SHIFT)
-        if i < len(open_bins):
-            key = open_bins.pop(i)
-            b = key & mask
-            room = (key >> 32) - length
-        else:
-            b = num_bins
-            num_bins += 1
-            room = max_tokens - length
-        placed[j] = b
-        if room >= min_length:
-            insort(open_bins, room * _SHIFT + b)
-    bin_of_sorted[num_spread:] = placed
-    bin_of_item = np.empty(len(lengths), dtype=np.int64)
-    bin_of_item[order] = bin_of_sorted
-    return bin_of_item, num_bins
+    open_bins = [capacity * _SHIFT + b for b in range(num_bins)]  # room * _SHIFT + bin, sorted
+    room = [capacity] * num_bins
+    bin_of_item = [-1] * len(lengths)
+    for i, length in enumerate(lengths):
+        j = bisect_left(open_bins, length * _SHIFT)
+        if j < len(open_bins):
+            b = open_bins.pop(j) & mask
+            room[b] -= length
+            bin_of_item[i] = b
+            insort(open_bins, room[b] * _SHIFT + b)
+    return bin_of_item, room
 
 
-def _tokens_in_full_bins(bin_of_item: np.ndarray, lengths: np.ndarray, max_tokens: int) -> int:
-    bin_tokens = np.bincount(bin_of_item, weights=lengths)
-    return int(bin_tokens[bin_tokens >= _FULL_BIN_FRACTION * max_tokens].sum())
+def _top_up(
+    bins: list[list[int]],
+    room: list[int],
+    lookahead: list[int],
+    stream_lengths: list[int],
+    keep: set[int],
+    taken: bytearray,
+) -> list[int]:
+    """Fills the bins' gaps with conversations from just after the step; returns the positions it took out again.
 
-
-def _group_into_steps(bin_costs: np.ndarray, num_ranks: int, rng: np.random.Generator) -> np.ndarray:
-    """Orders bins so that consecutive groups of ``num_ranks`` have similar cost; shuffles the groups.
-
-    Returns a permutation of ``range(len(bin_costs))`` whose length must be a multiple of ``num_ranks``.
+    ``lookahead`` holds ``length * _SHIFT + position`` keys, sorted; what is taken is removed from it. A gap takes
+    an exact fit if there is one, else the longest conversation that leaves room for the shortest one left (so
+    the gap can still be closed), else the longest that fits. A gap too small for any of them is closed, where
+    possible, by a swap: a conversation of the bin (not one in ``keep``) makes way for a look-ahead one longer by
+    up to the gap; the one that made way goes first into the next step. Taken positions are marked in ``taken``.
     """
-    assert len(bin_costs) % num_ranks == 0
-    by_cost = np.argsort(bin_costs, kind="stable").reshape(-1, num_ranks)
-    by_cost = by_cost[rng.permutation(by_cost.shape[0])]
-    # Which rank gets the heaviest bin of a step should not be a fixed rank.
-    return rng.permuted(by_cost, axis=1).reshape(-1)
+    mask = _SHIFT - 1
+    swapped_out = []
+    for b in sorted(range(len(room)), key=lambda b: -room[b]):
+        gap, members = room[b], bins[b]
+        while lookahead and gap >= lookahead[0] >> 32:
+            j = bisect_right(lookahead, gap * _SHIFT + mask) - 1  # longest that fits
+            if lookahead[j] >> 32 != gap:
+                shortest = lookahead[0] >> 32
+                k = bisect_right(lookahead, (gap - shortest) * _SHIFT + mask) - 1  # longest leaving room for it
+                if k >= 0:
+                    j = k
+            key = lookahead.pop(j)
+            gap -= key >> 32
+            members.append(key & mask)
+            taken[key & mask] = 1
+        for _ in range(_MAX_SWAPS_PER_BIN):
+            if not (gap and lookahead):
+                break
+            best_gain, best = 0, None
+            for i, p in enumerate(members):
+                if p in keep:
+                    continue
+                length = stream_lengths[p]
+                j = bisect_right(lookahead, (length + gap) * _SHIFT + mask) - 1
+                if j >= 0 and (lookahead[j] >> 32) - length > best_gain:
+                    best_gain, best = (lookahead[j] >> 32) - length, (i, j)
+                    if best_gain == gap:
+                        break
+            if best is None:
+                break
+            i, j = best
+            swapped_out.append(members[i])
+            keep.add(members[i])  # what made way is not considered again
+            members[i] = lookahead.pop(j) & mask
+            keep.add(members[i])
+            taken[members[i]] = 1
+            gap -= best_gain
+        room[b] = gap
+    return swapped_out
 
 
-def _pack(lengths: np.ndarray, place_first: np.ndarray, max_tokens: int, num_ranks: int) -> tuple[np.ndarray, int]:
-    """Packs a window plainly or, with several ranks, spreading long conversations if that fills about as well."""
-    bin_of_item, num_bins = _pack_window(lengths, max_tokens, place_first, 0.0)
-    if num_ranks > 1:
-        # Spreading long conversations evens the attention cost of bins but can fill them worse when bins hold
-        # only a few conversations each: keep it unless it leaves more tokens in under-full bins.
-        spread_bins, spread_num_bins = _pack_window(lengths, max_tokens, place_first, _SPREAD_FRACTION)
-        spread_full = _tokens_in_full_bins(spread_bins, lengths, max_tokens)
-        plain_full = _tokens_in_full_bins(bin_of_item, lengths, max_tokens)
-        if spread_full >= plain_full - _SPREAD_TOLERANCE * lengths.sum():
-            return spread_bins, spread_num_bins
-    return bin_of_item, num_bins
+def _pack_stream(stream_lengths: list[int], max_tokens: int, num_ranks: int) -> tuple[list[int], list[int]]:
+    """Cuts the shuffled stream into steps of ``num_ranks`` bins (see :func:`plan_epoch`).
 
+    Returns:
+        The stream positions of all bins, bin-major, and the size of every bin.
+    """
+    n = len(stream_lengths)
+    step_capacity = num_ranks * max_tokens
+    taken = bytearray(n)  # stream positions planned ahead of their turn (by a top-up)
+    lookahead: list[int] = []  # length * _SHIFT + position of the free positions in [position, frontier), sorted
+    position = frontier = 0  # next stream position to look at; end of the look-ahead
+    tokens_left = sum(stream_lengths)
+    carried: list[int] = []  # positions that made way or found no room in the previous step: they go first
+    out_positions: list[int] = []
+    bin_sizes: list[int] = []
+    while carried or position < n:
+        # The step's own stretch of the stream: what was carried over, then the next conversations while they fit.
+        chunk, num_carried = carried, len(carried)
+        chunk_tokens = sum(stream_lengths[p] for p in chunk)
+        while position < n:
+            if taken[position]:
+                position += 1
+                continue
+            length = stream_lengths[position]
+            if chunk_tokens + length > step_capacity:
+                break
+            if position < frontier:
+                del lookahead[bisect_left(lookahead, length * _SHIFT + position)]
+            chunk.append(position)
+            chunk_tokens += length
+            position += 1
+        frontier = max(frontier, position)
+        while len(lookahead) < _LOOKAHEAD_CONVERSATIONS and frontier < n:
+            if not taken[frontier]:
+                insort(lookahead, stream_lengths[frontier] * _SHIFT + frontier)
+            frontier += 1
 
-def _choose_full_steps(
-    bin_of_item: np.ndarray,
-    num_bins: int,
-    lengths: np.ndarray,
-    times_carried: np.ndarray,
-    max_tokens: int,
-    num_ranks: int,
-) -> np.ndarray:
-    """Which bins of a (not last) window to emit: a multiple of ``num_ranks``, full ones and over-carried ones."""
-    bin_tokens = np.bincount(bin_of_item, weights=lengths, minlength=num_bins)
-    bin_times = np.zeros(num_bins, np.int64)
-    np.maximum.at(bin_times, bin_of_item, times_carried)
-    must_emit = bin_times >= _MAX_CARRIES
-    is_full = bin_tokens >= _FULL_BIN_FRACTION * max_tokens
-    # Priority: bins holding the most-carried conversations first, then the fullest.
-    priority = np.lexsort((-bin_tokens, -bin_times))
-    num_wanted = int(np.count_nonzero(must_emit | is_full)) // num_ranks * num_ranks
-    num_must = int(np.count_nonzero(must_emit))
-    if num_wanted < num_must:
-        num_wanted = min(-(-num_must // num_ranks) * num_ranks, num_bins // num_ranks * num_ranks)
-    return priority[:num_wanted]
+        is_last = chunk_tokens == tokens_left  # the rest of the epoch fits in this step's slots
+        if num_ranks == 1:  # the chunk fits the one bin as it is
+            order, bin_of_item, room = chunk, [0] * len(chunk), [max_tokens - chunk_tokens]
+        else:  # carried conversations first (so they are not carried again), then longest first
+            order = sorted(chunk[:num_carried], key=lambda p: -stream_lengths[p])
+            order += sorted(chunk[num_carried:], key=lambda p: -stream_lengths[p])
+            order_lengths = [stream_lengths[p] for p in order]
+            bin_of_item = None
+        if is_last and bin_of_item is None:
+            # The epoch's left-overs: packed tightly when that closes the epoch here (its empty bins go last).
+            bin_of_item, room = _place_tightly(order_lengths, num_ranks, max_tokens)
+            if -1 in bin_of_item:
+                bin_of_item = None
+        if bin_of_item is None:
+            bin_of_item, room = _place_balanced(order_lengths, num_ranks, max_tokens)
+        bins: list[list[int]] = [[] for _ in range(num_ranks)]
+        carried = []
+        for p, b in zip(order, bin_of_item):
+            (bins[b] if b >= 0 else carried).append(p)
+        if lookahead and not is_last:
+            carried += _top_up(bins, room, lookahead, stream_lengths, set(chunk[:num_carried]), taken)
+        for b in bins:
+            b.sort()  # within a bin, conversations keep their stream order
+            out_positions.extend(b)
+            bin_sizes.append(len(b))
+            tokens_left -= sum(stream_lengths[p] for p in b)
+    assert tokens_left == 0 and len(out_positions) == n
+    return out_positions, bin_sizes
 
 
 def plan_epoch(lengths: Any, max_tokens: int, num_ranks: int, seed: int, epoch: int) -> EpochPlan:
     """Plans one epoch: which conversations go into which bin of which step.
 
-    See the module docstring for the algorithm. The result is deterministic for ``(seed, epoch)``; another epoch
-    gives another order and other bins.
+    Each step is drawn from the epoch's shuffled stream (:func:`stream_order`) in order, so a step is a random
+    sample of the data (classes and lengths mixed as in the whole set): it takes the next conversations while
+    they fit in ``num_ranks`` bins of ``max_tokens`` tokens, spreads them over its bins longest first onto the
+    bin of lowest attention cost (so ranks wait little for each other), and fills the gaps that remain with
+    conversations from at most ``_LOOKAHEAD_CONVERSATIONS`` stream positions ahead. A conversation that found no
+    room is placed first in the next step. So every conversation is trained within about a step of its stream
+    position, and no step is sorted or selected by length. See ``docs/design.md`` and
+    ``benchmarks/bench_packing.py`` for the measured fill and mixing.
 
     Args:
         lengths: token length of every conversation (1-D, integer, each in ``[1, max_tokens]``).
@@ -227,8 +291,8 @@ def plan_epoch(lengths: Any, max_tokens: int, num_ranks: int, seed: int, epoch: 
 
     Returns:
         An :class:`EpochPlan`: steps x ``num_ranks`` bins of dataset indices; every conversation appears exactly
-        once; every bin holds at most ``max_tokens`` tokens; only the last step may be less full or hold empty
-        bins. Empty input gives a plan with zero steps.
+        once; every bin holds at most ``max_tokens`` tokens; only the last step may hold empty bins (then last).
+        Deterministic for ``(seed, epoch)``; empty input gives a plan with zero steps.
 
     Raises:
         UserError (a ValueError): on a conversation longer than ``max_tokens`` (naming its index and length), a
@@ -248,79 +312,24 @@ def plan_epoch(lengths: Any, max_tokens: int, num_ranks: int, seed: int, epoch: 
     if n == 0:
         return EpochPlan(np.zeros(0, np.int64), np.zeros(1, np.int64), num_ranks)
 
-    rng = np.random.default_rng([int(seed), int(epoch)])
-    stream = rng.permutation(n)  # stream position -> dataset index
-    stream_lengths = lengths[stream]
-    window_tokens = _WINDOW_STEPS * num_ranks * max_tokens
-    window_size = max(_MIN_WINDOW_CONVERSATIONS, int(np.ceil(window_tokens / stream_lengths.mean())))
-    windows = []
-    start = 0
-    while start < n:
-        stop = start + window_size
-        if n - stop < window_size // 2:  # a short remainder joins this window instead of packing badly alone
-            stop = n
-        windows.append((start, stop))
-        start = stop
+    stream = stream_order(n, seed, epoch)
+    out_positions, bin_sizes = _pack_stream(lengths[stream].tolist(), max_tokens, num_ranks)
 
-    # Every window passes its left-overs (mostly short conversations) on to the next one. So that the first
-    # window is not the only one without such arrivals (it would hold longer conversations on average, a length
-    # trend), it receives what the last window would pass on; the last window then packs what remains.
-    carried = np.zeros(0, np.int64)  # stream positions moved on to the window about to be packed
-    carried_times = np.zeros(0, np.int64)
-    moved_to_front = np.zeros(0, np.int64)
-    if len(windows) > 1:
-        items = np.arange(*windows[-1])
-        item_lengths = stream_lengths[items]
-        bin_of_item, num_bins = _pack(item_lengths, np.zeros(len(items), bool), max_tokens, num_ranks)
-        chosen = _choose_full_steps(
-            bin_of_item, num_bins, item_lengths, np.zeros(len(items), np.int64), max_tokens, num_ranks
-        )
-        moved_to_front = items[~np.isin(bin_of_item, chosen)]
-        carried, carried_times = moved_to_front, np.ones(len(moved_to_front), np.int64)
-
-    out_items: list[np.ndarray] = []  # stream positions, bin-major
-    out_bin_sizes: list[np.ndarray] = []
-    for window, (start, stop) in enumerate(windows):
-        is_last_window = window == len(windows) - 1
-        own = np.arange(start, stop)
-        if is_last_window and moved_to_front.size:
-            own = own[~np.isin(own, moved_to_front)]
-        items = np.concatenate([carried, own])
-        times = np.concatenate([carried_times, np.zeros(len(own), np.int64)])
-        item_lengths = stream_lengths[items]
-        # Conversations already moved on once go in first, so they are not left over again.
-        bin_of_item, num_bins = _pack(item_lengths, times > 0, max_tokens, num_ranks)
-        bin_tokens = np.bincount(bin_of_item, weights=item_lengths, minlength=num_bins)
-        bin_costs = np.bincount(bin_of_item, weights=item_lengths.astype(np.float64) ** 2, minlength=num_bins)
-        if is_last_window:
-            # The least-full bins make the last step, padded with empty bins up to num_ranks.
-            num_last = num_bins - (num_bins - 1) // num_ranks * num_ranks
-            by_fill = np.argsort(-bin_tokens, kind="stable")
-            full, last = by_fill[: num_bins - num_last], by_fill[num_bins - num_last :]
-            emitted = np.concatenate([full[_group_into_steps(bin_costs[full], num_ranks, rng)], last])
-            num_empty = num_ranks - num_last
-        else:
-            chosen = _choose_full_steps(bin_of_item, num_bins, item_lengths, times, max_tokens, num_ranks)
-            emitted = chosen[_group_into_steps(bin_costs[chosen], num_ranks, rng)]
-            num_empty = 0
-
-        slot_of_bin = np.full(num_bins, -1, np.int64)
-        slot_of_bin[emitted] = np.arange(len(emitted))
-        slot_of_item = slot_of_bin[bin_of_item]
-        kept = slot_of_item >= 0
-        # Within a bin, conversations keep their shuffled order.
-        order = np.lexsort((items[kept], slot_of_item[kept]))
-        out_items.append(items[kept][order])
-        out_bin_sizes.append(np.bincount(slot_of_item[kept], minlength=len(emitted)))
-        if num_empty:
-            out_bin_sizes.append(np.zeros(num_empty, np.int64))
-        carried, carried_times = items[~kept], times[~kept] + 1
-    assert carried.size == 0
-
-    bin_offsets = np.zeros(sum(len(s) for s in out_bin_sizes) + 1, np.int64)
-    np.cumsum(np.concatenate(out_bin_sizes), out=bin_offsets[1:])
-    conversation_indices = stream[np.concatenate(out_items)]
-    assert len(conversation_indices) == n and (len(bin_offsets) - 1) % num_ranks == 0
+    # Which rank gets which bin of a step is random, so no rank is systematically the busiest; empty bins (only
+    # ever in the last step) stay at its end.
+    sizes = np.asarray(bin_sizes, np.int64)
+    num_steps = len(sizes) // num_ranks
+    rng = np.random.default_rng([int(seed), int(epoch), 1])  # the stream has its own generator
+    bin_order = rng.permuted(np.tile(np.arange(num_ranks), (num_steps, 1)), axis=1)
+    last = np.argsort(sizes[-num_ranks:][bin_order[-1]] == 0, kind="stable")
+    bin_order[-1] = bin_order[-1][last]
+    bin_order = (bin_order + np.arange(num_steps)[:, None] * num_ranks).reshape(-1)
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    bin_offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes[bin_order], out=bin_offsets[1:])
+    gather = np.repeat(offsets[bin_order] - bin_offsets[:-1], sizes[bin_order]) + np.arange(n)
+    conversation_indices = stream[np.asarray(out_positions, np.int64)[gather]]
     conversation_indices.setflags(write=False)  # plans are cached and shared between threads
     bin_offsets.setflags(write=False)
     return EpochPlan(conversation_indices, bin_offsets, num_ranks)
@@ -408,4 +417,5 @@ __all__ = [
     "PlanStats",
     "plan_epoch",
     "plan_stats",
+    "stream_order",
 ]

@@ -276,6 +276,8 @@ def on_epoch_start(run: Run, step: PackedStep) -> None:
     run.progress.epoch = step.epoch
     resumed = f", resumed at step {step.step_in_epoch + 1}" if step.step_in_epoch else ""
     logger.info(f"epoch {step.epoch + 1}/{run.recipe.train.epochs}: {step.steps_per_epoch} steps{resumed}")
+    if run.dist.rank == 0:
+        _log_class_mixing(run.loader, step.epoch)
 
 
 def advance(progress: Progress, step: PackedStep, metrics: dict[str, float], step_time_s: float) -> dict[str, Any]:
@@ -373,6 +375,26 @@ def _configure_logging(rank: int) -> None:
     logging.getLogger("crlft").setLevel(level)
     # DeepSpeed's INFO lines (configs, timers) drown the progress bar; its warnings and errors stay.
     deepspeed_logger.setLevel(logging.DEBUG if os.environ.get("CRLFT_DEBUG") else logging.WARNING)
+
+
+def _log_class_mixing(loader: Any, epoch: int) -> None:
+    """Logs how many of the epoch's steps hold one condition only, and warns when far more than random steps would.
+
+    Under ``loss_normalization: weight_sum`` the rewards weigh classes only against each other within a step: in a
+    one-class step, sub-optimal data moves the model as much as expert data.
+    """
+    mixing = loader.class_mixing(epoch)
+    if mixing is None or mixing.num_classes < 2:
+        return
+    line = (
+        f"epoch {epoch + 1}: {mixing.one_class_share:.1%} of {mixing.num_steps} steps hold one condition only "
+        f"(random steps of the same sizes: {mixing.random_one_class_share:.1%})"
+    )
+    if mixing.is_far_from_random:
+        logger.warning(line + ": far more than random; in those steps the rewards cannot weigh classes against "
+                       "each other (see the README's loss section)")
+    else:
+        logger.info(line)
 
 
 def _peak_lr(recipe: Recipe, dataset: Any, world_size: int, model_type: str) -> float:

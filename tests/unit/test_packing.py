@@ -106,9 +106,9 @@ def test_plan_has_no_length_trend(num_ranks):
 
 
 def test_first_steps_are_not_longer_than_the_rest():
-    # Windows pass left-over short conversations on to the next window; were the first window the only one to
-    # receive none, its steps would hold ~4% longer conversations and length would trend down over the epoch
-    # (mean correlation -0.007 here). Deterministic seeds; the spread between seeds is ~0.015 and ~0.003.
+    # Steps pass conversations that found no room on to the next step and fill their gaps with short ones from
+    # just ahead: neither may make the first steps longer on average or put a length trend into the epoch.
+    # Deterministic seeds; the spread between seeds is ~0.015 and ~0.003.
     first_ratios, correlations = [], []
     for seed in range(4):
         lengths = lognormal_lengths(200_000, 8192, seed)
