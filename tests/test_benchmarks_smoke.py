@@ -190,3 +190,25 @@ def test_torch_flash_impl_check_names_what_is_missing(monkeypatch):
     assert bench_gpu.torch_flash_impl_unavailable("FA3", cuda) is None
     assert bench_gpu.split_backend("crlft_varlen+FA3") == ("crlft_varlen", "FA3")
     assert bench_gpu.split_backend("sdpa") == ("sdpa", None)
+
+
+@pytest.mark.slow
+def test_gpu_wheels_builds_the_carried_folder(tmp_path):
+    """benchmarks/gpu_wheels.sh with PyPI reachable: every pinned wheel for CPython 3.12 x86-64, under the limit."""
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "hjson==3.1.0", "-d",
+                            str(tmp_path / "probe")], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"PyPI not reachable: {probe.stderr.strip()[-200:]}")
+    out = tmp_path / "whl"
+    done = subprocess.run([os.path.join(REPO, "benchmarks", "gpu_wheels.sh"), str(out)], env={
+        **os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    wheels = sorted(os.listdir(out))
+    names = {w.split("-")[0].lower() for w in wheels}
+    assert names == {"deepspeed", "hjson", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
+                     "typing_extensions", "datasets", "dill", "multiprocess", "mistral_common"}
+    assert all(w.endswith("-none-any.whl") or "-cp312-cp312-" in w for w in wheels), wheels
+    assert sum(os.path.getsize(out / w) for w in wheels) < 48 * 2**20
+    assert "11 wheels" in done.stdout
