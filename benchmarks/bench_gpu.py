@@ -42,7 +42,8 @@ Memory: ``--layers auto`` estimates how many layers fit without activation check
 while a step runs out of memory. The same layer count is then used for every backend and for checkpointing on,
 so the rows of the table are comparable.
 
-Run on a GPU: ``python benchmarks/bench_gpu.py`` (``--json FILE`` to keep the figures). ``--smoke`` runs the same
+Run on a GPU: ``python benchmarks/bench_gpu.py`` (``--json FILE`` to keep the figures; ``benchmarks/gpu_check.sh``
+runs it after the tests marked ``gpu``, with ``--layers 8 --steps 6 --warmup 2``). ``--smoke`` runs the same
 code on tiny shapes on the CPU in seconds (``tests/test_benchmarks_smoke.py``).
 """
 
