@@ -11,6 +11,15 @@ AdamW. For every available attention backend (``crlft.attention.available_attn_i
 with transformers' dense block-diagonal mask as a reference) and with activation checkpointing off and on, it
 reports tokens/s, MFU and peak memory.
 
+PyTorch's own FlashAttention-3 and -4: ``torch.nn.attention.activate_flash_attention_impl("FA3")`` (torch >= 2.11;
+Hopper, compute capability 9.0) swaps the kernels behind ``torch.ops.aten._flash_attention_forward`` /
+``_backward``, which ``torch.nn.attention.varlen.varlen_attn`` and so ``crlft_varlen`` call, for FlashAttention-3's;
+"FA4" likewise (compute capability 9.0 or 10.0). Torch ships only the registration: the kernels come from the
+``flash_attn_interface`` module (FlashAttention-3's Hopper build, not on PyPI) and ``flash_attn.cute`` (the
+``flash-attn-4`` package with NVIDIA's CUTLASS DSL). The backends ``crlft_varlen+FA3`` and ``crlft_varlen+FA4``
+run ``crlft_varlen`` with that implementation active, and are reported as skipped, with the reason, where it
+cannot run (``torch_flash_impl_unavailable``).
+
 DeepSpeed is not used: the step is timed on the bare model with an optimizer that keeps what DeepSpeed's bf16
 optimizer keeps on one GPU (bf16 weights and gradients, fp32 master weights, fp32 gradients and fp32 AdamW
 moments: 20 bytes per parameter), so the memory and the per-step work match a single-rank crlft run.
@@ -33,14 +42,17 @@ Memory: ``--layers auto`` estimates how many layers fit without activation check
 while a step runs out of memory. The same layer count is then used for every backend and for checkpointing on,
 so the rows of the table are comparable.
 
-Run on a GPU: ``python benchmarks/bench_gpu.py`` (``--json FILE`` to keep the figures). ``--smoke`` runs the same
+Run on a GPU: ``python benchmarks/bench_gpu.py`` (``--json FILE`` to keep the figures; ``benchmarks/gpu_check.sh``
+runs it after the tests marked ``gpu``, with ``--layers 8 --steps 6 --warmup 2``). ``--smoke`` runs the same
 code on tiny shapes on the CPU in seconds (``tests/test_benchmarks_smoke.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -77,6 +89,17 @@ SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, 
 # Peak dense bf16 tensor FLOP/s by device name (vendor datasheets), most specific name first.
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("GH200", 989.4e12),
                    ("A100", 312e12), ("L40S", 362e12)]
+
+MFU_FORMULA = ("MFU = model FLOPs per step / step time / peak bf16 dense FLOP/s; model FLOPs = 6·N_layers·T + "
+               "6·V·H·S + 12·n_layers·H·P (N_layers: decoder-layer parameters, T: real tokens, V·H: lm_head, S: "
+               "supervised positions, P: causal (query, key) pairs within the window; recomputation not counted)")
+
+# PyTorch's pluggable flash-attention implementations (torch.nn.attention.activate_flash_attention_impl): the
+# compute capabilities torch accepts for each and the module its kernels come from (not shipped with torch).
+TORCH_FLASH_IMPLS = {
+    "FA3": ((9,), "flash_attn_interface", "FlashAttention-3's Hopper build (flash-attention/hopper; no PyPI wheel)"),
+    "FA4": ((9, 10), "flash_attn.cute.interface", "the flash-attn-4 package and nvidia-cutlass-dsl"),
+}
 
 STATE_BYTES_PER_PARAM = 20  # bf16 weight + bf16 grad + fp32 master + fp32 grad + 2 fp32 AdamW moments
 ACTIVATION_BYTES_PER_LAYER_PER_TOKEN = 270_000  # measured order of magnitude for a 4096/14336 layer in bf16
@@ -126,6 +149,64 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch's FlashAttention-3 / -4
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def split_backend(name: str) -> tuple[str, str | None]:
+    """``"crlft_varlen+FA3"`` -> ``("crlft_varlen", "FA3")``; a plain backend name -> ``(name, None)``."""
+    attn, _, impl = name.partition("+")
+    return attn, impl or None
+
+
+def torch_flash_impl_unavailable(impl: str, device: torch.device) -> str | None:
+    """Why PyTorch's flash-attention implementation ``impl`` ("FA3", "FA4") cannot run on ``device``; None if it can.
+
+    Checks what ``torch.nn.attention`` offers in this torch, the GPU's compute capability against the one torch's
+    ``_fa3``/``_fa4`` accept, and whether the module holding the kernels is importable.
+    """
+    import torch.nn.attention as attention
+
+    where = f"torch {torch.__version__}"
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        return f"{where} has no torch.nn.attention.activate_flash_attention_impl (added in torch 2.10/2.11)"
+    offered = attention.list_flash_attention_impls()
+    if impl not in offered:
+        return f"{where}: torch.nn.attention offers {offered}, not {impl!r}"
+    if impl not in TORCH_FLASH_IMPLS:
+        return f"{impl!r}: not one of the implementations this benchmark knows ({', '.join(TORCH_FLASH_IMPLS)})"
+    majors, module, package = TORCH_FLASH_IMPLS[impl]
+    if device.type != "cuda":
+        return f"{impl} needs a CUDA GPU (device {device})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in majors:
+        return f"{impl} needs compute capability {' or '.join(f'{m}.0' for m in majors)}; this GPU is {major}.{minor}"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package of a dotted name is missing
+        found = False
+    if not found:
+        return (f"{where} registers {impl} (activate_flash_attention_impl({impl!r})) but its kernels come from the "
+                f"`{module}` module, {package}, which is not installed")
+    return None
+
+
+@contextlib.contextmanager
+def torch_flash_impl(impl: str | None):
+    """Runs the block with PyTorch's flash-attention implementation ``impl`` active (None: the default FA2)."""
+    if impl is None:
+        yield
+        return
+    from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+    activate_flash_attention_impl(impl)
+    try:
+        yield
+    finally:
+        restore_flash_attention_impl()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,7 +323,8 @@ def run_config(shape, num_layers, rows, device, dtype, attn, checkpointing, warm
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     phase = f"{attn}/{checkpointing}"
-    with memory.measure(phase):
+    name, attn = attn, split_backend(attn)[0]
+    with memory.measure(phase), torch_flash_impl(split_backend(name)[1]):
         model = build_model(shape, num_layers, device, dtype, attn, checkpointing)
         optimizer = MasterWeightAdamW(model.parameters())
         device_rows = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
@@ -263,7 +345,7 @@ def run_config(shape, num_layers, rows, device, dtype, attn, checkpointing, warm
                 flops += step_flops(model.config, num_layers, row["lengths"], num_supervised)
     seconds = sum(step_seconds)
     result = {
-        "attn": attn,
+        "attn": name,
         "checkpointing": checkpointing,
         "layers": num_layers,
         "params": sum(p.numel() for p in model.parameters()),
@@ -298,7 +380,13 @@ def run(args: argparse.Namespace) -> dict:
     log_lines: list[str] = []
     chosen = choose_attn_implementation("auto", device, dtype, log=log_lines.append)
     print(log_lines[0], flush=True)
-    backends = args.backends.split(",") if args.backends else available_attn_implementations(device, dtype) + ["sdpa"]
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        available = available_attn_implementations(device, dtype)
+        backends = available + [f"crlft_varlen+{impl}" for impl in TORCH_FLASH_IMPLS] + ["sdpa"]
+    unavailable = {name: torch_flash_impl_unavailable(impl, device) for name in backends
+                   for impl in [split_backend(name)[1]] if impl}
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     rows = make_rows(max(args.steps, 4), args.row_tokens, shape["vocab_size"], args.length_scale, args.seed)
     peak = peak_flops(device, args.peak_tflops)
@@ -321,13 +409,29 @@ def run(args: argparse.Namespace) -> dict:
         "auto_choice": chosen,
         "attention_log": log_lines[0],
         "peak_flops": peak,
+        "mfu_formula": MFU_FORMULA,
         "mean_conversations_per_row": float(np.mean([r["num_conversations"] for r in rows])),
         "mean_real_tokens_per_row": float(np.mean([r["num_tokens"] for r in rows])),
         "runs": [],
     }
     first = True
+    started = time.monotonic()
+
+    def record(result: dict) -> None:
+        results["runs"].append(result)
+        print(format_run(result), flush=True)
+        if args.json:  # after every run, so a run stopped from outside keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({**results, "layers": num_layers}, f, indent=2)
+
     for checkpointing in modes:
         for attn in backends:
+            reason = unavailable.get(attn)
+            if reason is None and args.time_budget and time.monotonic() - started > args.time_budget:
+                reason = f"time budget of {args.time_budget:.0f} s spent (--time-budget)"
+            if reason:
+                record({"attn": attn, "checkpointing": checkpointing, "layers": num_layers, "skipped": reason})
+                continue
             while True:
                 error_message = None
                 try:
@@ -351,8 +455,7 @@ def run(args: argparse.Namespace) -> dict:
                 result = {"attn": attn, "checkpointing": checkpointing, "layers": num_layers, "error": error_message}
                 break
             first = first and "error" in result
-            results["runs"].append(result)
-            print(format_run(result), flush=True)
+            record(result)
     memory.close()
     results["layers"] = num_layers
     return results
@@ -361,6 +464,8 @@ def run(args: argparse.Namespace) -> dict:
 def format_run(r: dict) -> str:
     """One table line."""
     head = f"{r['attn']:<18}{'on' if r['checkpointing'] else 'off':>5}{r['layers']:>7}"
+    if "skipped" in r:
+        return f"{head}  skipped: {r['skipped']}"
     if "error" in r:
         return f"{head}  {r['error']}"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
@@ -376,6 +481,7 @@ def print_table(results: dict) -> None:
           f"shape {results['shape']}, rows of {results['row_tokens']} tokens "
           f"({results['mean_real_tokens_per_row']:.0f} real, {results['mean_conversations_per_row']:.1f} "
           f"conversations on average), peak {results['peak_flops']} FLOP/s")
+    print(results["mfu_formula"])
     print(f"{'attention':<18}{'ckpt':>5}{'layers':>7}{'tokens/s':>12}{'s/step':>10}{'TFLOP/s':>10}{'MFU':>8}"
           f"{'peak GiB':>11}")
     for r in results["runs"]:
@@ -398,7 +504,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--json", help="write the figures to this file (rewritten after every run)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds: configurations not started by then are reported as skipped")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.dtype = "cpu", "float32"

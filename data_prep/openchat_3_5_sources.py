@@ -8,8 +8,7 @@ answers by the model that wrote them (C-RLFT's two classes), and writes one JSON
 
     OUT/sharegpt_gpt4.jsonl    sharegpt   ShareGPT conversations answered by GPT-4            (expert)
     OUT/sharegpt_gpt35.jsonl   sharegpt   ShareGPT conversations answered by GPT-3.5 / others (sub-optimal)
-    OUT/openorca_gpt4.jsonl    messages   Open-Orca questions with GPT-4 completions         (expert)
-    OUT/openorca_gpt35.jsonl   messages   Open-Orca questions with GPT-3.5 completions       (sub-optimal)
+    OUT/openorca_flan.jsonl    messages   Open-Orca questions with their FLAN answers        (imone/OpenOrca_FLAN)
     OUT/capybara.jsonl         messages   Capybara multi-turn conversations (GPT-4)
     OUT/goat.jsonl             alpaca     GOAT arithmetic (generated programmatically: exact)
     OUT/glaive_code.jsonl      alpaca     Glaive code assistant
@@ -22,6 +21,11 @@ Usage::
     python data_prep/openchat_3_5_sources.py data/openchat_3.5/sources            # everything, from the hub
     python data_prep/openchat_3_5_sources.py OUT --only goat glaive_code --max-records 1000
     python data_prep/openchat_3_5_sources.py OUT --local sharegpt=sharegpt_clean.json --only sharegpt
+    python data_prep/openchat_3_5_sources.py OUT --openorca-completions   # + Open-Orca's GPT-4 / GPT-3.5 files
+
+``--openorca-completions`` (off by default) also converts Open-Orca/OpenOrca's 1M GPT-4 and 3.2M GPT-3.5
+completion files into ``OUT/openorca_gpt4.jsonl`` (expert) and ``OUT/openorca_gpt35.jsonl`` (sub-optimal), what
+this script converted before it followed the model card; the recipe does not read them.
 
 Nothing is dropped silently: every record that cannot be converted is counted with its reason, and the counts
 are printed and written to ``OUT/conversion_report.json``.
@@ -61,8 +65,15 @@ MATHINSTRUCT_HUB = "TIGER-Lab/MathInstruct"
 OASST_HUB = "OpenAssistant/oasst_top1_2023-08-25"
 
 
+OPENORCA_FLAN_COLUMNS = ("id", "system_prompt", "question", "response")  # Open-Orca's layout, the one accepted
+
+
 class SkipRecord(ValueError):
     """A record that cannot be converted; the message is the reason (counted, never silent)."""
+
+
+class LayoutError(ValueError):
+    """A dataset whose columns are not the layout its converter reads: the conversion stops (exit status 2)."""
 
 
 Converted = list[tuple[str, dict[str, Any]]]  # (output file stem, record in a crlft source layout)
@@ -132,6 +143,40 @@ def convert_openorca(record: dict[str, Any], default_model: str | None = None) -
     messages.append({"role": "assistant", "content": _text(record, "response")})
     target = "openorca_gpt4" if is_gpt4(model) else "openorca_gpt35"
     return [(target, {"id": record.get("id"), "model": model, "messages": messages})]
+
+
+def convert_openorca_flan(record: dict[str, Any]) -> Converted:
+    """imone/OpenOrca_FLAN ("Open-Orca with FLAN answers"): ``{id, system_prompt, question, response}`` → messages.
+
+    Its card documents no columns, so the converter accepts exactly Open-Orca's layout and raises ``LayoutError``
+    (listing the columns found) on any other: an extra column could hold the answer we should be reading (e.g. the
+    GPT-4 completion beside the FLAN target), so nothing is guessed. Open-Orca's system prompts are kept as the
+    dataset gives them.
+
+    Class (the recipe's ``openorca_flan`` source: condition "GPT4 Correct", reward 1.0); NOT PUBLISHED, our
+    reasoning: the answers are the FLAN collection's own targets, the human-written reference answers of its
+    tasks, not GPT-4's or GPT-3.5's completions. C-RLFT classes a source by the quality of its answers, and these
+    are correct by construction, so they are expert data, not the GPT-3.5 class (reward 0.1, the paper's value for
+    a weaker model's answers, would down-weight correct answers tenfold). The condition is "GPT4 Correct" because
+    OpenChat 3.5 serves only that condition and "Code", and its card evaluates AGIEval, BBH and the zero-shot
+    Orca-style tasks in that template, crediting training on such task data for its few-shot answers: the data
+    only teaches that under the condition the model is prompted with. The cost: FLAN targets are terse, so they
+    pull "GPT4 Correct" answers towards short ones; a separate condition would avoid that but is never served.
+    """
+    columns = set(record)
+    if columns != set(OPENORCA_FLAN_COLUMNS):
+        raise LayoutError(
+            f"{OPENORCA_FLAN_HUB}: expected Open-Orca's columns {', '.join(OPENORCA_FLAN_COLUMNS)}; found "
+            f"{', '.join(sorted(map(str, columns))) or 'none'}. Its card documents no columns: look at what the "
+            "download holds and adapt convert_openorca_flan (no openorca_flan.jsonl written)."
+        )
+    messages = []
+    system = record.get("system_prompt")
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": _text(record, "question")})
+    messages.append({"role": "assistant", "content": _text(record, "response")})
+    return [("openorca_flan", {"id": record.get("id"), "messages": messages})]
 
 
 def convert_capybara(record: dict[str, Any]) -> Converted:
@@ -204,6 +249,7 @@ class Dataset:
             converter for files whose rows do not say which model wrote them.
         convert: the record converter.
         outputs: the output file stems it writes.
+        default: converted when ``--only`` is not given (``openorca`` needs ``--openorca-completions``).
     """
 
     name: str
@@ -211,6 +257,7 @@ class Dataset:
     convert: Callable[..., Converted]
     outputs: tuple[str, ...]
     notes: str = ""
+    default: bool = True
 
 
 DATASETS: dict[str, Dataset] = {
@@ -218,8 +265,13 @@ DATASETS: dict[str, Dataset] = {
     for d in (
         Dataset("sharegpt", ((SHAREGPT_HUB, SHAREGPT_FILE, None),), convert_sharegpt,
                 ("sharegpt_gpt4", "sharegpt_gpt35"), "split by the `model` label"),
+        # The model card's "Open-Orca with FLAN answers" (see convert_openorca_flan for its class).
+        Dataset("openorca_flan", ((OPENORCA_FLAN_HUB, None, None),), convert_openorca_flan, ("openorca_flan",)),
+        # Open-Orca's 1M GPT-4 + 3.2M GPT-3.5 completions: not what the card lists (and ~60x the ShareGPT
+        # conversations); off by default, kept for comparison behind --openorca-completions.
         Dataset("openorca", tuple((OPENORCA_HUB, f, m) for m, f in OPENORCA_FILES.items()), convert_openorca,
-                ("openorca_gpt4", "openorca_gpt35"), "split by the file (GPT-4 / GPT-3.5 completions)"),
+                ("openorca_gpt4", "openorca_gpt35"), "split by the file (GPT-4 / GPT-3.5 completions)",
+                default=False),
         Dataset("capybara", tuple((h, None, None) for h in CAPYBARA_HUBS), convert_capybara, ("capybara",)),
         Dataset("goat", ((GOAT_HUB, None, None),), convert_goat, ("goat",)),
         Dataset("glaive_code", ((GLAIVE_HUB, None, None),), convert_glaive, ("glaive_code",)),
@@ -292,10 +344,14 @@ def convert_records(
 
     Returns:
         The counts (read, written per output, skipped per reason).
+
+    Raises:
+        LayoutError: a record is not in the layout the converter reads; the dataset's output files are removed.
     """
     os.makedirs(out_dir, exist_ok=True)
     counts = Counts()
-    files = {stem: open(os.path.join(out_dir, f"{stem}.jsonl"), "w", encoding="utf-8") for stem in dataset.outputs}
+    paths = {stem: os.path.join(out_dir, f"{stem}.jsonl") for stem in dataset.outputs}
+    files = {stem: open(path, "w", encoding="utf-8") for stem, path in paths.items()}
     try:
         for records, model in parts:
             for i, record in enumerate(records):
@@ -310,10 +366,21 @@ def convert_records(
                 for stem, out in converted:
                     files[stem].write(json.dumps(out, ensure_ascii=False) + "\n")
                     counts.written[stem] += 1
+    except LayoutError:
+        for f in files.values():
+            f.close()
+        for path in paths.values():
+            os.remove(path)
+        raise
     finally:
         for f in files.values():
             f.close()
     return counts
+
+
+def default_datasets() -> list[str]:
+    """The datasets converted when ``--only`` is not given: the model card's (the recipe reads their outputs)."""
+    return [name for name, d in DATASETS.items() if d.default]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="read a dataset from a local file instead of the hub (for openorca: "
                         "openorca:gpt-4=PATH to name the model of a file without a `model` column)")
     parser.add_argument("--max-records", type=int, default=None, help="read at most N records per input file")
+    parser.add_argument("--openorca-completions", action="store_true",
+                        help="also convert Open-Orca/OpenOrca's GPT-4 and GPT-3.5 completion files (openorca_gpt4, "
+                        "openorca_gpt35; not the card's data, the recipe does not read them)")
     args = parser.parse_args(argv)
+    selected = list(args.only or default_datasets())
+    if args.openorca_completions and "openorca" not in selected:
+        selected.append("openorca")
 
     local: dict[str, list[tuple[str, str | None]]] = {}
     for item in args.local:
@@ -335,10 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or name not in DATASETS:
             parser.error(f"--local {item!r}: expected NAME=PATH or NAME:MODEL=PATH with NAME one of "
                          f"{', '.join(sorted(DATASETS))}")
+        if name not in selected:
+            parser.error(f"--local {item!r}: {name} is not converted in this run (add it to --only"
+                         + (", or pass --openorca-completions)" if name == "openorca" else ")"))
         local.setdefault(name, []).append((path, model or None))
 
     report = {}
-    for name in args.only or list(DATASETS):
+    for name in selected:
         dataset = DATASETS[name]
         if name in local:
             parts = [(read_local(path), model) for path, model in local[name]]

@@ -42,6 +42,13 @@ OPENORCA = [  # Open-Orca/OpenOrca: {id, system_prompt, question, response}; the
     {"id": "flan.2", "system_prompt": "", "question": "Is the sky blue?", "response": "Yes."},
     {"id": "t0.3", "system_prompt": "", "question": "", "response": "no question"},  # skipped
 ]
+OPENORCA_FLAN = [  # imone/OpenOrca_FLAN, in Open-Orca's layout {id, system_prompt, question, response}
+    {"id": "flan.10", "system_prompt": "You are an AI assistant. You will be given a task.",
+     "question": "Premise: A dog runs. Hypothesis: An animal moves. Entailment? OPTIONS: - yes - no",
+     "response": "yes"},
+    {"id": "cot.11", "system_prompt": "", "question": "What is 7 + 5?", "response": "12"},
+    {"id": "niv.12", "system_prompt": "", "question": "Summarize: ...", "response": ""},  # skipped
+]
 CAPYBARA = [  # LDJnr/Pure-Dove etc.: {source, conversation[{input, output}]}
     {"source": "Pure-Dove", "conversation": [{"input": "Name a color.", "output": "Blue."},
                                              {"input": "Another?", "output": "Red."}]},
@@ -106,6 +113,77 @@ def test_openorca_by_file_model_or_model_column():
         oc.convert_openorca(OPENORCA[0])
 
 
+def test_openorca_flan_in_openorca_layout():
+    ((target, out),) = oc.convert_openorca_flan(OPENORCA_FLAN[0])
+    assert target == "openorca_flan"
+    assert out == {"id": "flan.10", "messages": [
+        {"role": "system", "content": "You are an AI assistant. You will be given a task."},
+        {"role": "user", "content": OPENORCA_FLAN[0]["question"]},
+        {"role": "assistant", "content": "yes"},
+    ]}
+    ((_, out),) = oc.convert_openorca_flan(OPENORCA_FLAN[1])
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant"]  # empty system prompt: none
+    with pytest.raises(oc.SkipRecord, match="response"):
+        oc.convert_openorca_flan(OPENORCA_FLAN[2])
+
+
+@pytest.mark.parametrize("record", [
+    {"id": "1", "system_prompt": "", "question": "q", "response": "r", "flan_answer": "a"},  # an extra column
+    {"id": "1", "inputs": "q", "targets": "a"},  # FLAN's own layout
+    {"system_prompt": "", "question": "q", "response": "r"},  # no id
+], ids=["extra", "flan", "no-id"])
+def test_openorca_flan_other_layout_is_a_layout_error(record):
+    with pytest.raises(oc.LayoutError) as info:
+        oc.convert_openorca_flan(record)
+    message = str(info.value)
+    assert "id, system_prompt, question, response" in message  # what is expected
+    assert "found " + ", ".join(sorted(record)) + "." in message  # and every column found
+
+
+def test_openorca_flan_other_layout_stops_the_command(tmp_path, capsys):
+    """A file in another layout: exit status 2, one line naming the columns, no traceback, no output file."""
+    src = write_jsonl(tmp_path / "flan.jsonl", [{"inputs": "Is fire hot?", "targets": "yes", "task": "boolq"}])
+    out = tmp_path / "out"
+    assert oc.main([str(out), "--only", "openorca_flan", "--local", f"openorca_flan={src}"]) == 2
+    err = capsys.readouterr().err  # datasets' progress lines (\r-separated), then the error
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.rstrip("\n").split("\n")[-1].split("\r")[-1].startswith(
+        "openorca_flan: error: imone/OpenOrca_FLAN: expected Open-Orca's columns id, system_prompt, question, "
+        "response; found inputs, targets, task.")
+    assert not (out / "openorca_flan.jsonl").exists()
+
+
+def test_openorca_flan_other_layout_from_the_command_line(tmp_path):
+    """The same through the real entry point (a subprocess): non-zero exit, the message, no traceback."""
+    import subprocess
+
+    src = write_jsonl(tmp_path / "flan.jsonl", [{"id": "x", "question": "q", "answer": "a"}])
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "data_prep", "openchat_3_5_sources.py"), str(tmp_path / "out"),
+         "--only", "openorca_flan", "--local", f"openorca_flan={src}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "found answer, id, question." in done.stderr and "Traceback" not in done.stderr
+
+
+def test_open_orca_completions_are_off_by_default(tmp_path, capsys):
+    assert [n for n in oc.default_datasets() if n.startswith("openorca")] == ["openorca_flan"]
+    flan = write_jsonl(tmp_path / "flan.jsonl", OPENORCA_FLAN)
+    orca = write_jsonl(tmp_path / "orca.jsonl", OPENORCA[:1])
+    with pytest.raises(SystemExit):  # the old source is not converted unless asked for
+        oc.main([str(tmp_path / "out"), "--only", "openorca_flan", "--local", f"openorca:gpt-4={orca}"])
+    assert "--openorca-completions" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert oc.main([str(out), "--only", "openorca_flan", "--openorca-completions", "--local",
+                    f"openorca_flan={flan}", f"openorca:gpt-4={orca}"]) == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["openorca_flan"] == {"read": 3, "written": {"openorca_flan": 2},
+                                       "skipped": {"missing or empty 'response'": 1}}
+    assert report["openorca"]["written"] == {"openorca_gpt4": 1}
+    assert [r["id"] for r in read_jsonl(out / "openorca_flan.jsonl")] == ["flan.10", "cot.11"]
+
+
 def test_single_dataset_converters():
     ((t, out),) = oc.convert_capybara(CAPYBARA[0])
     assert t == "capybara" and [m["content"] for m in out["messages"]] == ["Name a color.", "Blue.", "Another?", "Red."]
@@ -144,8 +222,11 @@ def converted(tmp_path, capsys):
     orca_gpt4 = src / "gpt4.parquet"
     datasets.Dataset.from_list(OPENORCA[:1]).to_parquet(str(orca_gpt4))
     orca_gpt35 = write_jsonl(src / "gpt35.jsonl", OPENORCA[1:])
+    orca_flan = src / "openorca_flan.parquet"
+    datasets.Dataset.from_list(OPENORCA_FLAN).to_parquet(str(orca_flan))
     local = [
         f"sharegpt={sharegpt}",
+        f"openorca_flan={orca_flan}",
         f"openorca:gpt-4={orca_gpt4}",
         f"openorca:gpt-3.5-turbo={orca_gpt35}",
         f"capybara={write_jsonl(src / 'pure_dove.jsonl', CAPYBARA[:1])}",
@@ -157,7 +238,7 @@ def converted(tmp_path, capsys):
         f"oasst_top1={write_jsonl(src / 'oasst.jsonl', OASST)}",
     ]
     out = tmp_path / "data" / "openchat_3.5" / "sources"
-    assert oc.main([str(out), "--local", *local]) == 0
+    assert oc.main([str(out), "--openorca-completions", "--local", *local]) == 0
     return tmp_path, out, capsys.readouterr().out
 
 
@@ -170,6 +251,8 @@ def test_command_writes_every_source_and_counts_skips(converted):
     }
     assert report["openorca"]["written"] == {"openorca_gpt4": 1, "openorca_gpt35": 1}
     assert report["openorca"]["skipped"] == {"missing or empty 'question'": 1}
+    assert report["openorca_flan"] == {"read": 3, "written": {"openorca_flan": 2},
+                                       "skipped": {"missing or empty 'response'": 1}}
     assert report["capybara"]["written"] == {"capybara": 2}
     assert report["oasst_top1"] == {"read": 2, "written": {"oasst_top1": 1}, "skipped": {
         "no assistant turn found in the ChatML text": 1}}
@@ -193,8 +276,8 @@ def test_outputs_are_read_by_the_recipe_formats(converted, monkeypatch):
             conversation = FORMATS[source.format](record)
             roles = [m.role for m in conversation.messages]
             assert roles[0] == "user" and roles[-1] == "assistant" and "assistant" in roles, source.name
-    system = FORMATS["messages"](read_jsonl("data/openchat_3.5/sources/openorca_gpt4.jsonl")[0]).system
-    assert system == "You are an AI assistant."
+    system = FORMATS["messages"](read_jsonl("data/openchat_3.5/sources/openorca_flan.jsonl")[0]).system
+    assert system == "You are an AI assistant. You will be given a task."
 
 
 def test_bad_local_argument_is_rejected(tmp_path, capsys):

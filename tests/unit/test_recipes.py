@@ -48,12 +48,12 @@ def test_openchat_3_5_recipe_matches_the_published_setup():
 
     by_name = {s.name: s for s in r.data.sources}
     # The card's datasets, each as one or two sources.
-    expected = {"sharegpt_gpt4", "sharegpt_gpt35", "openorca_gpt4", "openorca_gpt35", "capybara", "goat",
+    expected = {"sharegpt_gpt4", "sharegpt_gpt35", "openorca_flan", "capybara", "goat",
                 "glaive_code", "metamathqa", "mathinstruct", "oasst_top1"}
     assert set(by_name) == expected
-    for name in ("sharegpt_gpt4", "openorca_gpt4", "capybara", "goat", "metamathqa", "mathinstruct", "oasst_top1"):
+    for name in ("sharegpt_gpt4", "openorca_flan", "capybara", "goat", "metamathqa", "mathinstruct", "oasst_top1"):
         assert (by_name[name].condition, by_name[name].reward) == ("GPT4 Correct", 1.0), name
-    for name in ("sharegpt_gpt35", "openorca_gpt35"):  # sub-optimal: own condition, the paper's reward 0.1
+    for name in ("sharegpt_gpt35",):  # sub-optimal: own condition, the paper's reward 0.1
         assert by_name[name].condition not in ("GPT4 Correct", "Code", "")
         assert by_name[name].reward == 0.1
     assert by_name["glaive_code"].condition == "Code"
@@ -66,7 +66,7 @@ def test_openchat_recipe_paths_are_what_data_prep_writes():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    stems = {stem for d in module.DATASETS.values() for stem in d.outputs}
+    stems = {stem for name in module.default_datasets() for stem in module.DATASETS[name].outputs}
     r = load_recipe(OPENCHAT)
     for source in r.data.sources:
         directory, filename = os.path.split(source.path)
