@@ -5,7 +5,7 @@
 #
 #   1. install  the carried wheels (WHEELS, default .whl/) into a fresh --target folder put on PYTHONPATH
 #   2. probe    versions, GPU, attention backends; every package crlft's GPU path imports must import
-#   3. tests    python -m pytest -m gpu tests/test_gpu.py (each attention backend against an fp32 reference,
+#   3. tests    python -m pytest -m gpu tests/e2e/test_gpu.py (each attention backend against an fp32 reference,
 #               fused vs naive loss, a 20-step ZeRO-2 crlft.train of a 2-layer Mistral-7B-width model)
 #   4. bench    benchmarks/bench_gpu.py (tokens/s, MFU, peak memory per backend, checkpointing off and on)
 #   5. summary  OUT/summary.md, the one file to read (also printed)
@@ -93,7 +93,7 @@ phase probe 120 install.log "$PYTHON" benchmarks/gpu_check_report.py probe "$out
 
 # 3. the tests marked gpu
 if [[ $smoke == 1 ]]; then tests_limit=120; else tests_limit=270; fi
-phase tests "$tests_limit" gpu_tests.log "$PYTHON" -m pytest -m gpu tests/test_gpu.py -rA -p no:cacheprovider \
+phase tests "$tests_limit" gpu_tests.log "$PYTHON" -m pytest -m gpu tests/e2e/test_gpu.py -rA -p no:cacheprovider \
     --junitxml="$out/gpu_tests.xml" -o junit_logging=system-out
 
 # 4. the benchmark, with what is left of the budget (30 s kept for the summary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -275,6 +276,13 @@ def _torch_varlen(
 
     # (left, right) are inclusive: (W - 1, 0) lets a query see W keys, itself included; (-1, 0) is plain causal.
     left = window - 1 if window is not None and window < max_seqlen else -1
+    gqa: dict[str, bool] = {}
+    if query.shape[1] != key.shape[1]:
+        if _varlen_takes_enable_gqa(varlen_attn):
+            gqa["enable_gqa"] = True
+        else:  # torch 2.11's varlen_attn has no enable_gqa: give it as many K/V heads as query heads
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     return varlen_attn(
         query,
         key,
@@ -285,8 +293,14 @@ def _torch_varlen(
         max_seqlen,
         scale=scale,
         window_size=(left, 0),
-        enable_gqa=query.shape[1] != key.shape[1],
+        **gqa,
     )
+
+
+@functools.cache
+def _varlen_takes_enable_gqa(varlen_attn: Any) -> bool:
+    """Whether this torch's ``varlen_attn`` has the ``enable_gqa`` parameter (2.13 has, 2.11 has not)."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def varlen_attention_forward(

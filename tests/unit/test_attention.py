@@ -202,3 +202,35 @@ def test_torch_varlen_adapter_passes_the_documented_arguments(monkeypatch, windo
 # ---------------------------------------------------------------------------------------------------------------
 # flex_attention: transformers' document BlockMask from packed position ids (forward only on CPU)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def test_torch_varlen_without_enable_gqa_repeats_key_value_heads(monkeypatch):
+    """torch 2.11's varlen_attn has no enable_gqa: the K/V heads are repeated instead, with the same result."""
+    import torch.nn.attention.varlen as varlen_module
+    import torch.nn.functional as F
+
+    from crlft import attention
+
+    def reference(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert query.shape[1] == key.shape[1], "K/V heads must have been repeated"
+        parts = []
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+        return torch.cat(parts)
+
+    def with_gqa(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert enable_gqa and key.shape[1] < query.shape[1]
+        repeats = query.shape[1] // key.shape[1]
+        return reference(query, key.repeat_interleave(repeats, 1), value.repeat_interleave(repeats, 1), cu_q, cu_k,
+                         max_q, max_k, scale=scale)
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    cu_seqlens = torch.tensor([0, 6, 10], dtype=torch.int32)
+    outputs = []
+    for fake in (reference, with_gqa):
+        monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+        outputs.append(attention._torch_varlen(query, key, value, cu_seqlens, 6, None, None))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert attention._varlen_takes_enable_gqa(with_gqa) and not attention._varlen_takes_enable_gqa(reference)

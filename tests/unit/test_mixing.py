@@ -10,7 +10,7 @@ import pytest
 from crlft.mixing import compare_with_random, one_class_steps
 from crlft.packing import EpochPlan, plan_epoch, plan_stats
 
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_packing.py")
+_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "bench_packing.py")
 _spec = importlib.util.spec_from_file_location("bench_packing", _BENCH)
 bench_packing = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_packing)  # OpenChat's multipack sampler, the peer the fill is compared with

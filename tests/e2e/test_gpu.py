@@ -30,7 +30,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, free_port, read_metrics, write_recipe
+from helpers import REPO_ROOT, free_port, read_metrics, write_recipe
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
