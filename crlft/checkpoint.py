@@ -219,22 +219,32 @@ def write_json(path: str, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def save_hf_files(model: Any, tokenizer: Any, template: Any, out_dir: str) -> None:
+def save_hf_files(model: Any, tokenizer: Any, template: Any, out_dir: str, max_context: int | None = None) -> None:
     """Write what an export needs besides the weights: config, generation config (eos = end of turn), tokenizer.
+
+    ``config.json`` gets ``eos_token_id`` = the end-of-turn id and, when ``max_context`` is smaller than the base's,
+    ``max_position_embeddings`` = ``max_context``, as OpenChat's releases have them (so a consumer that reads only
+    config.json stops at the end of a turn and does not promise a context the model never saw).
 
     Args:
         model: the Hugging Face model (its config; the weights are not written).
         tokenizer: the training tokenizer (from ``crlft.tokenizer.load_tokenizer``: chat_template, eos = end of turn).
         template: the ``crlft.templates.Template``.
         out_dir: the directory to fill.
+        max_context: ``model.max_context`` of the recipe (None: keep the base's ``max_position_embeddings``).
     """
     os.makedirs(out_dir, exist_ok=True)
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(template.eot)
     config = copy.deepcopy(model.config)
     config.use_cache = True  # training turns the KV cache off; generation wants it
+    config.eos_token_id = end_of_turn_id
+    base_positions = getattr(config, "max_position_embeddings", None)
+    if max_context is not None and base_positions is not None and max_context < base_positions:
+        config.max_position_embeddings = max_context
     config.save_pretrained(out_dir)
     generation = copy.deepcopy(model.generation_config) if model.generation_config is not None else GenerationConfig()
     generation.bos_token_id = tokenizer.bos_token_id
-    generation.eos_token_id = tokenizer.convert_tokens_to_ids(template.eot)  # stop at the end of the turn
+    generation.eos_token_id = end_of_turn_id  # stop at the end of the turn
     generation.pad_token_id = tokenizer.pad_token_id
     generation.use_cache = True
     generation.save_pretrained(out_dir)

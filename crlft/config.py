@@ -185,9 +185,11 @@ class TrainConfig:
     """``auto``: continue from the newest complete checkpoint in ``output_dir`` if any; ``off``; or a path.
     (YAML reads a bare ``off``/``false`` as a boolean: false means ``off``, true means ``auto``.)"""
 
-    loss_normalization: Literal["weight_sum", "num_tokens"] = "weight_sum"
-    """``weight_sum``: L = Σ w·CE / Σ w over the global step (OpenChat). ``num_tokens``: divide by the global
-    number of supervised tokens instead, so a step holding only low-reward data still takes a small step."""
+    loss_normalization: Literal["weight_sum", "weight_sum_row_mean", "num_tokens"] = "weight_sum"
+    """``weight_sum``: L = Σ w·CE / Σ w over the global step (OpenChat). ``weight_sum_row_mean``: that divided by
+    the packed rows per step (ranks × ``grad_accum``), what OpenChat's trainer computed when 3.5 was trained.
+    ``num_tokens``: divide by the global number of supervised tokens instead, so a step holding only low-reward
+    data still takes a small step."""
 
     pad_to_multiple_of: int | None = 64
     """Pad each packed row to a multiple of this many tokens (zero weight) for kernel-friendly shapes."""

@@ -24,7 +24,7 @@ from crlft.collate import IGNORE_INDEX
 # model's activations, large enough that the lm_head matmuls stay efficient on a GPU.
 DEFAULT_CHUNK_TOKENS = 4096
 
-LossNormalization = Literal["weight_sum", "num_tokens"]
+LossNormalization = Literal["weight_sum", "weight_sum_row_mean", "num_tokens"]
 
 # "fused": gradients computed in the forward (needs a plain nn.Linear lm_head); "checkpoint": per-chunk lm_head
 # calls under activation checkpointing (any lm_head module); "auto": fused when the lm_head allows it.
@@ -406,14 +406,22 @@ class WeightedLossModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def global_denominator(global_weight_sum: float, global_num_supervised_tokens: int, mode: LossNormalization) -> float:
+def global_denominator(
+    global_weight_sum: float,
+    global_num_supervised_tokens: int,
+    mode: LossNormalization,
+    rows_per_step: int | None = None,
+) -> float:
     """The step's loss denominator ``D`` for ``train.loss_normalization``.
 
     Args:
         global_weight_sum: ``Σ w`` over all ranks and micro-batches of the step (``PackedStep.global_weight_sum``).
         global_num_supervised_tokens: supervised targets in the step, all ranks
             (``PackedStep.global_num_supervised_tokens``).
-        mode: ``"weight_sum"`` or ``"num_tokens"``.
+        mode: ``"weight_sum"``, ``"weight_sum_row_mean"`` or ``"num_tokens"``.
+        rows_per_step: packed rows per optimizer step (ranks x ``grad_accum``); needed by ``weight_sum_row_mean``,
+            whose ``D`` is ``Σ w`` times it (OpenChat's trainer before its fix of 2023-11-25 averaged the ranks'
+            ``Σ_rank w·CE / Σ_step w``).
 
     Returns:
         ``D`` (0.0 for a step with nothing to learn).
@@ -422,7 +430,13 @@ def global_denominator(global_weight_sum: float, global_num_supervised_tokens: i
         return float(global_weight_sum)
     if mode == "num_tokens":
         return float(global_num_supervised_tokens)
-    raise ValueError(f"train.loss_normalization must be 'weight_sum' or 'num_tokens', got {mode!r}")
+    if mode == "weight_sum_row_mean":
+        if rows_per_step is None or rows_per_step < 1:
+            raise ValueError(f"weight_sum_row_mean needs rows_per_step >= 1, got {rows_per_step!r}")
+        return float(global_weight_sum) * rows_per_step
+    raise ValueError(
+        f"train.loss_normalization must be 'weight_sum', 'weight_sum_row_mean' or 'num_tokens', got {mode!r}"
+    )
 
 
 def loss_scale_for_backward(global_denominator: float, world_size: int, grad_accum: int) -> float:

@@ -74,7 +74,8 @@ def train_step(
     """
     if len(step.micro_batches) != grad_accum:
         raise AssertionError(f"loader gave {len(step.micro_batches)} micro-batches, expected {grad_accum}")
-    denominator = global_denominator(step.global_weight_sum, step.global_num_supervised_tokens, loss_normalization)
+    denominator = global_denominator(step.global_weight_sum, step.global_num_supervised_tokens, loss_normalization,
+                                     rows_per_step=world_size * grad_accum)
     scale = loss_scale_for_backward(denominator, world_size, grad_accum)
     sums = torch.zeros(len(conditions), len(SUM_FIELDS), dtype=torch.float64, device=device)
     lr = float(engine.optimizer.param_groups[0]["lr"])
@@ -306,7 +307,8 @@ def checkpoint_and_export(run: Run, step: PackedStep) -> None:
     if epoch_end or run.reached_max_steps() or periodic:
         progress.last_checkpoint = ckpt.save_checkpoint(
             run.engine, t.output_dir, progress.step, _trainer_state(run, _epoch_progress(step)),
-            hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d),
+            hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d,
+                                                  max_context=run.recipe.model.max_context),
             keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
         )
     if epoch_end:

@@ -143,6 +143,33 @@ def test_export_loads_generates_and_has_the_model_cards_chat_template(run):
     assert torch.equal(out[0, : prompt.shape[1]], prompt[0])
 
 
+def test_export_config_stops_at_the_end_of_turn_without_a_generation_config(run, tmp_path):
+    """As OpenChat's release: config.json has eos = <|end_of_turn|> and max_position_embeddings = max_context."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    final = os.path.join(run["dir"], "export", "final")
+    config = json.loads(open(os.path.join(final, "config.json")).read())
+    assert config["eos_token_id"] == END_OF_TURN_ID
+    assert config["max_position_embeddings"] == 256  # the recipe's max_context (the base has 1024)
+    bare = tmp_path / "no_generation_config"
+    shutil.copytree(final, bare, ignore=shutil.ignore_patterns("generation_config.json"))
+    model = AutoModelForCausalLM.from_pretrained(bare)
+    prompt = torch.tensor([CARD_MULTI_TURN_IDS])
+
+    class EndOfTurnAtThirdToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt.shape[1] + 2:
+                scores[:] = -math.inf
+                scores[:, END_OF_TURN_ID] = 0.0
+            return scores
+
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False,
+                         logits_processor=LogitsProcessorList([EndOfTurnAtThirdToken()]))
+    assert out.shape[1] == prompt.shape[1] + 3 and out[0, -1].item() == END_OF_TURN_ID  # stopped there
+
+
 def test_crlft_export_rebuilds_the_final_export_from_the_checkpoint(run, tmp_path):
     from crlft.checkpoint import latest_checkpoint
     from crlft.cli import main

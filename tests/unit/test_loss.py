@@ -459,6 +459,9 @@ def test_per_micro_batch_normalisation_differs():
 def test_denominators_and_scale_edge_cases():
     assert global_denominator(12.5, 30, "weight_sum") == 12.5
     assert global_denominator(12.5, 30, "num_tokens") == 30.0
+    assert global_denominator(12.5, 30, "weight_sum_row_mean", rows_per_step=8) == 100.0
+    with pytest.raises(ValueError, match="rows_per_step"):
+        global_denominator(12.5, 30, "weight_sum_row_mean")
     with pytest.raises(ValueError):
         global_denominator(1.0, 1, "per_batch")
     assert loss_scale_for_backward(10.0, 8, 2) == pytest.approx(1.6)

@@ -53,14 +53,14 @@ def mistral_7b_dir(tmp_path):
 
 
 def test_plan_openchat_recipe_gives_mistral_7b_parameter_count(mistral_7b_dir, capsys):
-    assert plan_main([OPENCHAT_RECIPE, f"model.base={mistral_7b_dir}", "--num_gpus", "8"]) == 0
+    assert plan_main([OPENCHAT_RECIPE, f"model.base={mistral_7b_dir}", "train.lr=auto", "--num_gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert f"{MISTRAL_7B_PARAMS:,} (7.24B) before the template's tokens" in out
     assert f"{MISTRAL_7B_PARAMS_WITH_TEMPLATE:,} (7.24B) with vocabulary 32,002" in out
     assert "→ 2" in out  # the recipe's ZeRO stage is marked
     assert "not prepared" in out
     # lr auto without data: the formula with the Mistral divisor, at a supervised ratio of 1.
-    upper = 3e-4 / 6 * math.sqrt(77824 * 8 / 4_000_000)
+    upper = 3e-4 / 6 * math.sqrt(81920 * 8 / 4_000_000)
     assert f"lr = {upper:.3g} · sqrt(r)" in out
 
 
@@ -74,7 +74,7 @@ def test_count_parameters_on_meta(mistral_7b_dir):
 
 
 def test_resolve_lr_follows_openchat_rule():
-    recipe = load_recipe(OPENCHAT_RECIPE)
+    recipe = load_recipe(OPENCHAT_RECIPE, ["train.lr=auto"])  # the recipe holds the recorded value
     tokens = supervised_tokens_per_step(77824, 8, 1, 0.5)
     assert tokens == 311296
     lr, why = resolve_lr(recipe, tokens, "mistral")
@@ -163,7 +163,7 @@ def test_plan_with_prepared_data_gives_steps_and_lr(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(crlft.plan, "load_prepared", lambda recipe, check=True: ds)
     base = _tiny_config_dir(tmp_path)
     overrides = [f"model.base={base}", "model.max_context=128", "train.batch_max_len=256", "train.epochs=2",
-                 "train.grad_accum=2"]
+                 "train.grad_accum=2", "train.lr=auto"]
     assert plan_main([OPENCHAT_RECIPE, *overrides, "--num_gpus", "2"]) == 0
     out = capsys.readouterr().out
 
