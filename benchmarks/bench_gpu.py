@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -57,7 +56,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # crlft, from a checkout
 
-from bench_train import PeakRSS, lognormal_lengths, machine_summary  # noqa: E402
+from bench_train import PeakRSS, lognormal_lengths, machine_summary, print_and_save  # noqa: E402
 
 from crlft.attention import (  # noqa: E402
     available_attn_implementations,
@@ -405,12 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.row_tokens, args.length_scale = 512, 1 / 16
         args.layers = args.layers or 2
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return print_and_save(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":
