@@ -69,7 +69,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # crlft, from a checkout
 
-from bench_train import PeakRSS, lognormal_lengths, machine_summary  # noqa: E402
+from bench_train import PeakRSS, lognormal_lengths, machine_summary, print_and_save  # noqa: E402
 
 from crlft.attention import (  # noqa: E402
     available_attn_implementations,
@@ -513,12 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.row_tokens, args.length_scale = 512, 1 / 16
         args.layers = args.layers or 2
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return print_and_save(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared helpers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # crlft, from a checkout
 
-from bench_train import PeakRSS, machine_summary  # noqa: E402
+from bench_train import PeakRSS, machine_summary, print_and_save  # noqa: E402
 
 from crlft.loss import DEFAULT_CHUNK_TOKENS, chunked_weighted_cross_entropy  # noqa: E402
 
@@ -232,12 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.naive_tokens = args.naive_tokens or 1024
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return print_and_save(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def synthetic_records(num_conversations: int, seed: int) -> list[dict]:
     return records
 
 
+def _kept_tokens(weights: list[float], max_context: int) -> int:
+    """Tokens prepare keeps of a rendered conversation: truncated to ``max_context``, trailing zero weights cut."""
+    end = min(len(weights), max_context)
+    while end and not weights[end - 1]:
+        end -= 1
+    return end
+
+
 def plain_loop(path: str, tokenizer, template: str, max_context: int) -> tuple[int, int]:
     """One conversation at a time in this process: parse, convert, render, truncate, trim. → (rows, tokens)."""
     from crlft.formats import FORMATS
@@ -71,14 +79,9 @@ def plain_loop(path: str, tokenizer, template: str, max_context: int) -> tuple[i
             for message in conversation.messages:
                 if message.role == "user":
                     message.weight = 0.0
-            ids, weights = render(conversation, template, tokenizer)
-            ids, weights = ids[:max_context], weights[:max_context]
-            end = len(weights)
-            while end and not weights[end - 1]:
-                end -= 1
-            if end:
-                rows += 1
-                tokens += end
+            _, weights = render(conversation, template, tokenizer)
+            end = _kept_tokens(weights, max_context)
+            rows, tokens = rows + bool(end), tokens + end
     return rows, tokens
 
 
@@ -113,13 +116,8 @@ def openchat_style(path: str, tokenizer, max_context: int, batch_size: int = 100
                 ids.extend(body)
                 ids.append(eot_id)
                 weights.extend([message["weight"]] * (len(body) + 1))
-            ids, weights = ids[:max_context], weights[:max_context]
-            end = len(weights)
-            while end and not weights[end - 1]:
-                end -= 1
-            if end:
-                rows += 1
-                tokens += end
+            end = _kept_tokens(weights, max_context)
+            rows, tokens = rows + bool(end), tokens + end
     return rows, tokens
 
 
@@ -141,8 +139,8 @@ def main() -> None:
 
     import datasets
 
-    from crlft.config import load_recipe
     from crlft.prepare import _TOKENIZER_CACHE, _default_num_proc, prepare
+    from crlft.recipe import load_recipe
     from crlft.templates import TEMPLATES
     from crlft.tokenizer import build_tokenizer, load_tokenizer
 

@@ -3,7 +3,7 @@
 Both sides train the same randomly initialised Mistral on the same conversations with the same AdamW (and
 gradient clipping); they differ only in how a batch is formed and computed:
 
-* **packed** (crlft): ``crlft.packing.PackedLoader`` packs the conversations into rows of ``row_tokens`` tokens
+* **packed** (crlft): ``crlft.loader.PackedLoader`` packs the conversations into rows of ``row_tokens`` tokens
   (``plan_epoch`` + ``pack_row``); the model runs with the attention ``crlft.attention.choose_attn_implementation
   ("auto", ...)`` picks (on CPU: ``crlft_varlen``, one SDPA call per conversation, no mask) and the loss is
   ``crlft.loss.causal_lm_loss_parts`` (chunked weighted cross-entropy over the supervised positions only). One
@@ -353,6 +353,15 @@ def print_table(results: dict) -> None:
               f"{results['speedup_varlen_over_dense_sdpa']:.2f}x")
 
 
+def print_and_save(results: dict, print_table, json_path: str | None) -> dict:
+    """Print a benchmark's table, write its figures to ``json_path`` when given, and return them."""
+    print_table(results)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, runs, prints and optionally writes JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -378,12 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.heads, args.kv_heads, args.vocab = 4, 2, 512
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    return print_and_save(run(args), print_table, args.json)
 
 
 if __name__ == "__main__":

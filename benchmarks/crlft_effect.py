@@ -69,8 +69,8 @@ def run_overrides(method: str, seed: int, work_dir: str, epochs: int, max_steps:
 
 def steps_per_epoch(recipe_overrides: list[str]) -> int:
     """Optimizer steps of one epoch of a prepared run on launch.sh's 2 CPU ranks (what `crlft plan` reports)."""
-    from crlft.config import load_recipe
     from crlft.plan import data_plan
+    from crlft.recipe import load_recipe
 
     plan = data_plan(load_recipe(DEMO, recipe_overrides), num_gpus=2)
     if not plan.prepared:

@@ -17,8 +17,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from crlft.config import load_recipe
 from crlft.errors import UserError
+from crlft.recipe import load_recipe
 
 # The commands import their modules when they run: `crlft --help` and `crlft tokenizer` should not wait for
 # deepspeed (5.9 s to import on the 2-core development machine), torch (3.2 s), datasets (3.0 s) or transformers.

@@ -1,53 +1,78 @@
-"""The recipe: one typed tree of dataclasses loaded from YAML, validated in one place.
+"""The recipe's typed tree: six sections of pydantic dataclasses, ``Recipe.validate()``, the DeepSpeed config.
 
-A recipe is a YAML file with the sections ``model``, ``data``, ``train``, ``deepspeed``, ``logging`` and ``eval``.
-``load_recipe(path, overrides)`` reads it with ``yaml.safe_load``, applies command-line overrides of the form
-``section.key=value`` (``data.sources.0.reward=0.5`` indexes lists), converts it into the dataclasses below
-(rejecting unknown keys with the closest known one as a hint) and runs ``Recipe.validate()``, which lists
-every problem it finds in one error, each located by file and line.
-
-The DeepSpeed JSON is generated from the recipe by ``deepspeed_config()``; a user's own DeepSpeed file
-(``deepspeed.config``) is merged over it.
+Each field's type is checked by pydantic when a recipe is read (``crlft.recipe.load_recipe``); the string under a
+field is its description, from which ``recipe_reference()`` generates the README's reference tables.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
 import json
 import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import BeforeValidator, ConfigDict, Strict, model_validator
+from pydantic.dataclasses import dataclass as section
 
 from crlft.errors import UserError
 from crlft.templates import TEMPLATES
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _text(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value  # condition: 4
+
+
+# What YAML gives is taken as it is: no "5" for an int, no 1 for a bool; only numbers written as text are numbers.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Number = Annotated[float, Strict(), BeforeValidator(_number)]
+Text = Annotated[str, Strict(), BeforeValidator(_text)]
+
+# Unknown keys are errors; the string under each field is its description (the README's recipe reference).
+SECTION_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class _Section:
+    """An empty section (``logging:`` with nothing under it) is the section's defaults."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelConfig:
+@section(config=SECTION_CONFIG)
+class ModelConfig(_Section):
     """What to train and how it is tokenized."""
 
-    base: str = ""
+    base: Text = ""
     """Base model: a Hugging Face model id or a local directory (e.g. ``mistralai/Mistral-7B-v0.1``)."""
 
-    tokenizer: str | None = None
+    tokenizer: Text | None = None
     """Tokenizer id or directory; defaults to ``base``. The template's special tokens are added when missing."""
 
-    template: str = "openchat_3.5"
+    template: Text = "openchat_3.5"
     """Conversation template name (see ``crlft.templates.TEMPLATES``)."""
 
-    max_context: int = 8192
+    max_context: Int = 8192
     """Longest conversation in tokens; longer ones are truncated by ``crlft prepare`` (and counted)."""
 
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -61,7 +86,7 @@ class ModelConfig:
     ``crlft_varlen`` (one SDPA call per conversation). ``sdpa``/``eager`` are correct but build a dense T×T mask per
     packed row (about 6 GB at 77,824 tokens); the chosen backend is printed in the run's log."""
 
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Bool = False
     """Recompute activations in the backward pass to save memory (about 30% more compute)."""
 
     create_if_missing: dict[str, Any] | None = None
@@ -69,119 +94,119 @@ class ModelConfig:
     initialised Mistral of this shape is created there with the template's tokenizer (used by the demo)."""
 
 
-@dataclass
-class SourceConfig:
+@section(config=SECTION_CONFIG)
+class SourceConfig(_Section):
     """One source file (or hub dataset) of conversations, with the class it belongs to."""
 
-    name: str = ""
+    name: Text = ""
     """Short unique name, used in the report and the prepared dataset's ``source`` column."""
 
-    path: str = ""
+    path: Text = ""
     """Local ``.json``/``.jsonl``/``.parquet`` file (relative to the working directory), or a hub dataset name."""
 
     format: Literal["openchat", "sharegpt", "messages", "alpaca"] = "sharegpt"
     """Record layout: ``openchat`` (items/condition/system), ``sharegpt`` (conversations[from,value]),
     ``messages`` (OpenAI style) or ``alpaca`` (instruction/input/output)."""
 
-    condition: str = ""
+    condition: Text = ""
     """Class condition put into the role prefixes (e.g. ``GPT4 Correct``); a record's own condition wins."""
 
-    reward: float = 1.0
+    reward: Number = 1.0
     """Coarse reward of this source (OpenChat: 1.0 for expert data, 0.1 for sub-optimal); becomes the loss weight
     of assistant tokens through ``data.reward_to_weight``. A record's own per-message weights win."""
 
-    max_samples: int | None = None
+    max_samples: Int | None = None
     """Use at most this many records from the source (the first ones), before ``repeat``."""
 
-    repeat: int = 1
+    repeat: Int = 1
     """Include the source this many times per epoch (up-sampling)."""
 
     on_error: Literal["raise", "skip"] = "raise"
     """``raise``: a bad record stops ``crlft prepare`` with its file and line. ``skip``: skip it and count it."""
 
-    split: str = "train"
+    split: Text = "train"
     """Split to read for hub datasets."""
 
 
-@dataclass
-class DataConfig:
+@section(config=SECTION_CONFIG)
+class DataConfig(_Section):
     """Where the conversations come from and how rewards become loss weights."""
 
     sources: list[SourceConfig] = field(default_factory=list)
     """The sources; see ``SourceConfig``."""
 
-    output_dir: str = ""
+    output_dir: Text = ""
     """Where ``crlft prepare`` writes the tokenized dataset (a ``datasets.save_to_disk`` directory)."""
 
     reward_to_weight: Literal["linear", "exp"] = "linear"
     """``linear``: weight = reward (OpenChat's release). ``exp``: weight = exp(reward / beta) (the paper's
     derivation of the optimal KL-regularised policy)."""
 
-    beta: float = 1.0
+    beta: Number = 1.0
     """Temperature of ``exp`` weighting."""
 
-    per_sequence_loss: bool = False
+    per_sequence_loss: Bool = False
     """Divide each assistant message's weight by its token count (OpenChat's ``--per-sequence-loss``)."""
 
-    num_proc: int | None = None
+    num_proc: Int | None = None
     """Worker processes for tokenization; default: the number of CPU cores (at most 16)."""
 
-    generate: str | None = None
+    generate: Text | None = None
     """Shell command ``crlft prepare`` runs first when a source file is missing, to write the sources (the demo's
     synthetic data generator). ``null``: missing files are an error."""
 
 
-@dataclass
-class TrainConfig:
+@section(config=SECTION_CONFIG)
+class TrainConfig(_Section):
     """The optimisation loop."""
 
-    output_dir: str = ""
+    output_dir: Text = ""
     """Run directory: checkpoints, ``metrics.jsonl``, exports."""
 
-    epochs: int = 5
+    epochs: Int = 5
     """Passes over the prepared dataset."""
 
-    batch_max_len: int = 77824
+    batch_max_len: Int = 77824
     """Tokens per rank per micro-batch (one packed row). Must be ≥ ``model.max_context``."""
 
-    lr: float | Literal["auto"] = "auto"
+    lr: Number | Literal["auto"] = "auto"
     """Peak learning rate, or ``auto``: OpenChat's rule 3e-4 · sqrt(supervised tokens per step / 4M), / 6 for
     Mistral."""
 
-    lr_warmup_ratio: float = 0.05
+    lr_warmup_ratio: Number = 0.05
     """Fraction of all steps spent in linear warm-up."""
 
-    lr_min_ratio: float = 0.1
+    lr_min_ratio: Number = 0.1
     """The cosine decay ends at ``lr · lr_min_ratio``."""
 
-    weight_decay: float = 0.1
+    weight_decay: Number = 0.1
     """AdamW decoupled weight decay."""
 
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[Number] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
 
-    eps: float = 1e-5
+    eps: Number = 1e-5
     """AdamW epsilon."""
 
-    grad_clip: float = 1.0
+    grad_clip: Number = 1.0
     """Global gradient-norm clipping (0 disables)."""
 
-    grad_accum: int = 1
+    grad_accum: Int = 1
     """Packed rows per rank per optimizer step."""
 
-    seed: int = 42
+    seed: Int = 42
     """Seed of model-independent randomness: data order, dropout."""
 
-    max_steps: int | None = None
+    max_steps: Int | None = None
     """Stop after this many optimizer steps (a checkpoint and an export are written)."""
 
-    save_every_steps: int | None = None
+    save_every_steps: Int | None = None
     """Checkpoint every N optimizer steps (and always at each epoch end). ``null``: epoch ends only."""
 
-    keep_last: int = 2
+    keep_last: Int = 2
     """Checkpoints to keep; older ones are deleted after a newer one is complete."""
 
-    resume: str | bool = "auto"
+    resume: Text | Bool = "auto"
     """``auto``: continue from the newest complete checkpoint in ``output_dir`` if any; ``off``; or a path.
     (YAML reads a bare ``off``/``false`` as a boolean: false means ``off``, true means ``auto``.)"""
 
@@ -191,79 +216,79 @@ class TrainConfig:
     ``num_tokens``: divide by the global number of supervised tokens instead, so a step holding only low-reward
     data still takes a small step."""
 
-    pad_to_multiple_of: int | None = 64
+    pad_to_multiple_of: Int | None = 64
     """Pad each packed row to a multiple of this many tokens (zero weight) for kernel-friendly shapes."""
 
 
-@dataclass
-class DeepSpeedSection:
+@section(config=SECTION_CONFIG)
+class DeepSpeedSection(_Section):
     """How DeepSpeed shards and offloads; the DeepSpeed JSON is generated from the recipe."""
 
-    zero_stage: int = 2
+    zero_stage: Int = 2
     """ZeRO stage: 2 shards optimizer state and gradients; 3 also shards the weights."""
 
-    config: str | None = None
+    config: Text | None = None
     """Optional DeepSpeed JSON file merged over the generated configuration (its keys win)."""
 
-    offload_optimizer: bool = False
+    offload_optimizer: Bool = False
     """Keep optimizer state on the CPU (ZeRO-Offload)."""
 
-    offload_param: bool = False
+    offload_param: Bool = False
     """Keep weights on the CPU (ZeRO-3 only)."""
 
 
-@dataclass
-class WandbConfig:
+@section(config=SECTION_CONFIG)
+class WandbConfig(_Section):
     """Weights & Biases logging."""
 
-    project: str | None = None
+    project: Text | None = None
     """Project name; logging to wandb is on when this is set and ``mode`` is not ``disabled``."""
 
-    entity: str | None = None
+    entity: Text | None = None
     """Team or user."""
 
-    name: str | None = None
+    name: Text | None = None
     """Run name; default: the output directory's name."""
 
     mode: Literal["online", "offline", "disabled"] = "disabled"
     """``offline`` writes a local run that ``wandb sync`` can upload later; works without network."""
 
 
-@dataclass
-class LoggingConfig:
+@section(config=SECTION_CONFIG)
+class LoggingConfig(_Section):
     """Progress, metrics and experiment tracking."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings."""
 
-    log_every: int = 1
+    log_every: Int = 1
     """Print and log metrics every N optimizer steps (``metrics.jsonl`` always gets every step)."""
 
 
-@dataclass
-class EvalConfig:
+@section(config=SECTION_CONFIG)
+class EvalConfig(_Section):
     """Exact-match evaluation of the exported model on held-out prompts (``crlft eval``; ``launch.sh`` runs it
     after training when ``prompts`` is set)."""
 
-    prompts: str | None = None
+    prompts: Text | None = None
     """JSON-lines file of ``{"prompt": ..., "answer": ..., "task"?: ...}`` records."""
 
-    conditions: list[str] = field(default_factory=lambda: ["GPT4 Correct"])
+    conditions: list[Text] = field(default_factory=lambda: ["GPT4 Correct"])
     """Conditions to prompt with, each scored separately ("" gives the plain ``User:`` prefix)."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: Int = 32
     """Longest generated answer."""
 
-    batch_size: int = 64
+    batch_size: Int = 64
     """Prompts generated together."""
 
-    max_samples: int | None = None
+    max_samples: Int | None = None
     """Evaluate only the first N prompts."""
 
 
 @dataclass
 class Recipe:
-    """A whole training recipe."""
+    """A whole training recipe: the six sections (each checked by pydantic) and where it was read from."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -354,212 +379,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------
-
-
-def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML, apply ``section.key=value`` overrides, convert and validate it.
-
-    Args:
-        path: The recipe file.
-        overrides: Command-line overrides, e.g. ``["train.lr=1e-5", "data.sources.0.reward=0.5"]``; the value is
-            parsed as YAML (``null``, numbers, booleans, lists).
-
-    Returns:
-        The validated recipe.
-
-    Raises:
-        UserError: A missing file, invalid YAML, an unknown key, a wrong type or any validation problem.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"recipe not found: {path}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a mapping of sections (model, data, ...), not {type(raw).__name__}")
-    for override in overrides:
-        _apply_override(raw, override)
-    return recipe_from_dict(raw, source_path=path, lines=lines)
-
-
-def recipe_from_dict(raw: dict[str, Any], source_path: str | None = None, lines: dict | None = None) -> Recipe:
-    """Convert plain data (as from YAML) into a validated ``Recipe``; see ``load_recipe``."""
-    errors: list[str] = []
-    lines = lines or {}
-
-    def where(key_path: tuple) -> str:
-        line = lines.get(key_path)
-        dotted = ".".join(str(k) for k in key_path) or "<top>"
-        if source_path is None:
-            return dotted
-        return f"{source_path}:{line} ({dotted})" if line else f"{source_path} ({dotted})"
-
-    values = _convert(Recipe, raw, (), errors, where, skip_fields=("source_path", "_lines"))
-    if errors:
-        raise UserError(f"{len(errors)} problem(s) in {source_path or 'recipe'}:\n  " + "\n  ".join(errors))
-    recipe = Recipe(**values, source_path=source_path, _lines=lines)
-    if isinstance(recipe.train.resume, bool):
-        recipe.train.resume = "auto" if recipe.train.resume else "off"
-    recipe.validate()
-    return recipe
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, value_text = override.partition("=")
-    if not sep or not key:
-        raise UserError(f"override {override!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError as e:
-        raise UserError(f"override {override!r}: value is not valid YAML: {e}") from None
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override {override!r}: {'.'.join(parts[:i])} has no item {part}")
-            node = node[int(part)]
-        else:
-            if node.get(part) is None:  # absent, or written as an empty section
-                node[part] = {}
-            node = node[part]
-        if not isinstance(node, (dict, list)):
-            raise UserError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserError(f"override {override!r}: {'.'.join(parts[:-1])} has no item {last}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every key path in a composed YAML document to its 1-based line number."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = prefix + (key_node.value,)
-            lines[path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[prefix + (i,)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, prefix + (i,)))
-    return lines
-
-
-def _convert(tp: Any, value: Any, key_path: tuple, errors: list[str], where, skip_fields: tuple = ()) -> Any:
-    """Convert plain data to type ``tp``, appending located messages to ``errors`` instead of raising."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            errors.append(f"{where(key_path)}: expected a mapping, got {value!r}")
-            return {}
-        hints = typing.get_type_hints(tp)
-        known = [f.name for f in dataclasses.fields(tp) if f.name not in skip_fields and not f.name.startswith("_")]
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-                errors.append(f"{where(key_path + (key,))}: unknown key {key!r}{hint}")
-                continue
-            sub_tp = hints[key]
-            converted = _convert(sub_tp, item, key_path + (key,), errors, where)
-            out[key] = tp_instance(sub_tp, converted)
-        return out
-
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        sub_errors: list[str] = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            converted = _convert(arg, value, key_path, trial, where)
-            if not trial:
-                return tp_instance(arg, converted)
-            sub_errors.extend(trial)
-        errors.append(f"{where(key_path)}: expected {_type_name(tp)}, got {value!r}")
-        return None
-
-    if origin is Literal:
-        if value in args:
-            return value
-        choices = ", ".join(repr(a) for a in args)
-        errors.append(f"{where(key_path)}: must be one of {choices}, got {value!r}")
-        return None
-
-    if origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{where(key_path)}: expected a list, got {value!r}")
-            return []
-        (item_tp,) = args
-        return [tp_instance(item_tp, _convert(item_tp, v, key_path + (i,), errors, where)) for i, v in enumerate(value)]
-
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{where(key_path)}: expected a mapping, got {value!r}")
-            return {}
-        return dict(value)
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. condition: 4 → "4"
-    elif tp is Any:
-        return value
-    errors.append(f"{where(key_path)}: expected {_type_name(tp)}, got {value!r}")
-    return None
-
-
-def tp_instance(tp: Any, converted: Any) -> Any:
-    """Instantiate a dataclass from converted fields; other types pass through."""
-    if dataclasses.is_dataclass(tp) and isinstance(converted, dict):
-        return tp(**converted)
-    return converted
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return "a list"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # DeepSpeed
 # --------------------------------------------------------------------------------------------------------------
 
@@ -625,30 +444,21 @@ def recipe_reference() -> str:
                 ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
     lines: list[str] = []
     for name, cls in sections:
-        hints = typing.get_type_hints(cls)
-        docs = _field_docs(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         lines += [f"**`{name}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
-            doc = docs.get(f.name, "").replace("|", "\\|")
+            description = cls.__pydantic_fields__[f.name].description or ""
+            doc = " ".join(description.split()).replace("|", "\\|")
             lines.append(f"| `{f.name}` | {_reference_type(hints[f.name])} | {_reference_default(f)} | {doc} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
 def _reference_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        return _reference_type(typing.get_args(tp)[0])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)

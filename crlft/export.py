@@ -132,7 +132,6 @@ def _readable_by_all(directory: str) -> None:
 
 def link_or_copy_tree(src: str, dst: str) -> None:
     """Copy a directory of files written once (an export) as hard links where possible, else as copies."""
-
     def link(a: str, b: str) -> None:
         try:
             os.link(a, b)

@@ -196,7 +196,6 @@ def read_source(source: SourceConfig, cache_dir: str | None = None, where: str =
         UserError: A missing file, an unsupported extension, malformed JSON (with file and line), or a hub
             dataset that cannot be loaded.
     """
-
     path = os.path.expanduser(source.path)
     at = f" ({where})" if where else ""
     if not is_local_path(path):

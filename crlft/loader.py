@@ -107,6 +107,40 @@ def _list_column_totals(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(row_lengths), np.concatenate(sums), np.concatenate(counts)
 
 
+def _check_arguments(max_tokens: Any, num_ranks: Any, rank: Any, grad_accum: Any, seed: Any, prefetch: Any,
+                     num_epochs: Any) -> None:
+    """Each argument is an integer in its range; anything else is a caller's bug (ValueError)."""
+    for name, value, low in (
+        ("max_tokens", max_tokens, 1),
+        ("num_ranks", num_ranks, 1),
+        ("grad_accum", grad_accum, 1),
+        ("seed", seed, 0),
+        ("prefetch", prefetch, 1),
+        ("num_epochs", num_epochs, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"PackedLoader: {name} must be an integer >= {low}, got {value!r}")
+    if not 0 <= rank < num_ranks:
+        raise ValueError(f"PackedLoader: rank must be in [0, {num_ranks}), got {rank}")
+
+
+def _row_totals(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per dataset row: tokens, sum of shifted weights, supervised targets; one pass over the arrow columns."""
+    table = dataset.select_columns(["input_ids", "loss_weights"]).with_format("arrow")[:]
+    id_lengths = np.concatenate(
+        [np.diff(c.offsets.to_numpy().astype(np.int64)) for c in table.column("input_ids").chunks]
+    )
+    weight_lengths, weight_sums, supervised_counts = _list_column_totals(table.column("loss_weights"))
+    bad = np.flatnonzero(id_lengths != weight_lengths)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"PackedLoader: row {i} has {id_lengths[i]} input_ids but {weight_lengths[i]} loss_weights "
+            f"({bad.size} such row(s))"
+        )
+    return id_lengths, weight_sums, supervised_counts
+
+
 class PackedLoader:
     """Resumable padding-free loader: yields one :class:`PackedStep` per optimizer step for one rank.
 
@@ -147,18 +181,7 @@ class PackedLoader:
         num_epochs: int = 1,
         pad_token_id: int = 0,
     ):
-        for name, value, low in (
-            ("max_tokens", max_tokens, 1),
-            ("num_ranks", num_ranks, 1),
-            ("grad_accum", grad_accum, 1),
-            ("seed", seed, 0),
-            ("prefetch", prefetch, 1),
-            ("num_epochs", num_epochs, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"PackedLoader: {name} must be an integer >= {low}, got {value!r}")
-        if not 0 <= rank < num_ranks:
-            raise ValueError(f"PackedLoader: rank must be in [0, {num_ranks}), got {rank}")
+        _check_arguments(max_tokens, num_ranks, rank, grad_accum, seed, prefetch, num_epochs)
         missing = {"input_ids", "loss_weights"} - set(dataset.column_names)
         if missing:
             raise ValueError(f"PackedLoader: dataset lacks column(s) {sorted(missing)}; has {dataset.column_names}")
@@ -171,20 +194,7 @@ class PackedLoader:
         columns = ["input_ids", "loss_weights"] + (["condition"] if self._has_condition else [])
         self._rows = dataset.select_columns(columns).with_format("arrow")
 
-        # One pass over the arrow columns (no Python per row): lengths, weight sums, supervised counts.
-        table = dataset.select_columns(["input_ids", "loss_weights"]).with_format("arrow")[:]
-        id_lengths = np.concatenate(
-            [np.diff(c.offsets.to_numpy().astype(np.int64)) for c in table.column("input_ids").chunks]
-        )
-        weight_lengths, self._weight_sums, self._supervised_counts = _list_column_totals(table.column("loss_weights"))
-        bad = np.flatnonzero(id_lengths != weight_lengths)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"PackedLoader: row {i} has {id_lengths[i]} input_ids but {weight_lengths[i]} loss_weights "
-                f"({bad.size} such row(s))"
-            )
-        self.lengths = id_lengths
+        self.lengths, self._weight_sums, self._supervised_counts = _row_totals(dataset)
         too_long = np.flatnonzero(self.lengths > self.max_tokens)
         if too_long.size:
             i = int(too_long[0])

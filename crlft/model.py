@@ -240,7 +240,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
 def create_from_scratch(out_dir: str, mistral_config_kwargs: dict[str, Any], template_name: str, seed: int = 0):
     """Writes a randomly initialised ``MistralForCausalLM`` with the template's tokenizer as an HF directory.
 
-    The tokenizer is built offline (``crlft.templates.build_tokenizer``); the vocabulary is ``len(tokenizer)``.
+    The tokenizer is built offline (``crlft.tokenizer.build_tokenizer``); the vocabulary is ``len(tokenizer)``.
     The directory is written next to its final place and renamed into it, so a crash leaves no half-written
     model, and two ranks creating it at once both end with the same complete directory.
 
@@ -258,7 +258,6 @@ def create_from_scratch(out_dir: str, mistral_config_kwargs: dict[str, Any], tem
         UserError: unknown config fields, a too-small ``vocab_size``, a template without an offline tokenizer,
             or a non-empty ``out_dir``.
     """
-
     out_dir = os.path.expanduser(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir}: exists and is not empty; not overwriting it with a new random model")

@@ -164,7 +164,6 @@ def model_size(recipe: Recipe) -> ModelSize:
     Raises:
         UserError: when neither a local/cached config nor ``create_if_missing`` is there.
     """
-
     m = recipe.model
     tokens = _template_tokens(m.template)
     base = os.path.expanduser(m.base)

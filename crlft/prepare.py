@@ -158,7 +158,6 @@ def load_prepared(recipe: Recipe, check: bool = True):
     Raises:
         UserError: Nothing prepared yet, or prepared from other inputs (run ``crlft prepare`` again).
     """
-
     output_dir = recipe.data.output_dir
     if _read_meta(output_dir) is None:
         raise UserError(f"no prepared dataset in {output_dir} ({recipe.where('data', 'output_dir')}); "
@@ -258,7 +257,6 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
     Raises:
         UserError: Bad input (missing file, malformed record, ...) or no conversation left to train on.
     """
-
     output_dir = recipe.data.output_dir
     generate_missing_sources(recipe, log)
     tokenizer, fingerprint = _tokenizer_and_fingerprint(recipe)
@@ -309,15 +307,7 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
         if report["total"]["rows"] == 0:
             raise UserError("no conversation left to train on (see the report above)")
         t0 = time.perf_counter()
-        dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        staged = os.path.join(work_dir, "dataset")
-        dataset.save_to_disk(staged)
-        with open(os.path.join(staged, REPORT_FILE), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        meta = {"inputs": meta_inputs, "num_rows": len(dataset), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        with open(os.path.join(staged, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        _replace_dir(staged, output_dir, os.path.join(work_dir, "old"))
+        dataset = _write(parts, report, meta_inputs, work_dir, output_dir)
         timings["write"] = time.perf_counter() - t0
         log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         if stats is not None:
@@ -328,9 +318,22 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
     return output_dir
 
 
+def _write(parts: list, report: dict[str, Any], meta_inputs: dict[str, Any], work_dir: str, output_dir: str):
+    """Stage the dataset, its report and metadata in ``work_dir``, then rename it into ``output_dir``."""
+    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    staged = os.path.join(work_dir, "dataset")
+    dataset.save_to_disk(staged)
+    with open(os.path.join(staged, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    meta = {"inputs": meta_inputs, "num_rows": len(dataset), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(os.path.join(staged, META_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    _replace_dir(staged, output_dir, os.path.join(work_dir, "old"))
+    return dataset
+
+
 def _error_examples(row_stats, path: str, limit: int) -> list[str]:
     """Located messages of the first ``limit`` skipped records of a source."""
-
     if limit <= 0:
         return []
     errors = row_stats.filter(pc.equal(row_stats.column("_drop"), "error")).slice(0, limit)

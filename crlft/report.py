@@ -26,7 +26,6 @@ def build_report(stat_tables: list, repeats: dict[str, int], errors: list[str] =
         (kept × repeat) and the counts of dropped trailing user turns, consecutive same-role turns and ignored
         user-turn weights.
     """
-
     table = pa.concat_tables(stat_tables) if stat_tables else None
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     if table is not None and table.num_rows:

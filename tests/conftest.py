@@ -17,7 +17,7 @@ from crlft.tokenizer import build_tokenizer
 
 @pytest.fixture(scope="session")
 def openchat_tokenizer_dir(tmp_path_factory) -> str:
-    """A saved OpenChat 3.5 tokenizer directory, built offline (``crlft.templates.build_tokenizer``)."""
+    """A saved OpenChat 3.5 tokenizer directory, built offline (``crlft.tokenizer.build_tokenizer``)."""
     out = tmp_path_factory.mktemp("tokenizer") / "openchat_3.5"
     build_tokenizer("openchat_3.5", str(out))
     return str(out)

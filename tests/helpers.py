@@ -20,9 +20,9 @@ import time
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from crlft.config import load_recipe
 from crlft.dist import free_port
 from crlft.prepare import prepare
+from crlft.recipe import load_recipe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

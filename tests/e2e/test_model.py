@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-from crlft.config import recipe_from_dict
 from crlft.errors import UserError
 from crlft.model import (
     choose_attn_implementation,
@@ -17,6 +16,7 @@ from crlft.model import (
     resize_embeddings_with_mean,
     resolve_model_dir,
 )
+from crlft.recipe import recipe_from_dict
 
 TINY = {
     "hidden_size": 16,

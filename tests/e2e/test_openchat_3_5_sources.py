@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import REPO_ROOT as ROOT
 
-from crlft.config import load_recipe
+from crlft.recipe import load_recipe
 
 RECIPE = os.path.join(ROOT, "recipes", "openchat_3.5.yaml")
 

@@ -64,9 +64,9 @@ def runs(parity_recipe):
 
 def test_every_configuration_sees_the_whole_dataset_in_one_step(parity_recipe):
     """The premise: the plan of every configuration is one step per epoch (else the batches would differ)."""
-    from crlft.config import load_recipe
     from crlft.packing import plan_epoch
     from crlft.prepare import load_prepared
+    from crlft.recipe import load_recipe
 
     recipe, _ = parity_recipe
     dataset = load_prepared(load_recipe(recipe), check=False)

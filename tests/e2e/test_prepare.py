@@ -16,10 +16,10 @@ import pytest
 from helpers import REPO_ROOT as ROOT
 
 from crlft.cli import main
-from crlft.config import load_recipe
 from crlft.conversation import Conversation, Message
 from crlft.errors import UserError
 from crlft.prepare import META_FILE, REPORT_FILE, is_prepared, load_prepared, prepare
+from crlft.recipe import load_recipe
 
 # OpenChat 3.5 model card (facts copied as literals): "GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct
 # Assistant: Hi<|end_of_turn|>..." and the coding-mode prompt.

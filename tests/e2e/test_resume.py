@@ -71,8 +71,8 @@ def test_resumed_run_ends_with_the_same_weights(resumed, zero2_e2e_run):
 
 def test_resume_with_a_changed_batch_size_is_refused(resumed, zero2_e2e_run, monkeypatch):
     """In this process (world of one): the refusal comes before any model is loaded."""
-    from crlft.config import load_recipe
     from crlft.errors import UserError
+    from crlft.recipe import load_recipe
     from crlft.trainer import train
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

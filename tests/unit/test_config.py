@@ -5,8 +5,9 @@ import textwrap
 
 import pytest
 
-from crlft.config import deepspeed_config, load_recipe
+from crlft.config import deepspeed_config
 from crlft.errors import UserError
+from crlft.recipe import load_recipe
 
 MINIMAL = """\
 model:

@@ -163,7 +163,7 @@ def tokenizer(tmp_path_factory):
 
 
 def _job(recipe_overrides=None, **source):
-    from crlft.config import recipe_from_dict
+    from crlft.recipe import recipe_from_dict
 
     raw = {"model": {"base": "unused", "max_context": 64}, "train": {"output_dir": "o", "batch_max_len": 64},
            "data": {"output_dir": "d", "sources": [dict({"name": "s", "path": "s.jsonl"}, **source)]}}

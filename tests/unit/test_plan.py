@@ -10,10 +10,10 @@ from helpers import REPO_ROOT as ROOT
 
 from crlft.cli import main as cli_main
 from crlft.cli import plan_main
-from crlft.config import load_recipe
 from crlft.errors import UserError
 from crlft.memory import activation_bytes, memory_per_gpu
 from crlft.plan import count_parameters, dataset_token_counts, resolve_lr, supervised_tokens_per_step
+from crlft.recipe import load_recipe
 
 OPENCHAT_RECIPE = os.path.join(ROOT, "recipes", "openchat_3.5.yaml")
 

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from helpers import REPO_ROOT as ROOT
 
-from crlft.config import Recipe, load_recipe
+from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.recipe import load_recipe
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 OPENCHAT = os.path.join(ROOT, "recipes", "openchat_3.5.yaml")

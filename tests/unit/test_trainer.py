@@ -65,7 +65,7 @@ def test_scheduler_factory_drives_the_optimizer_lr():
 
 
 def test_optimizer_is_adamw_with_the_recipe_settings():
-    from crlft.config import recipe_from_dict
+    from crlft.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"base": "x", "max_context": 16},
@@ -201,7 +201,7 @@ def test_resume_refused_with_every_changed_field_named():
 
 
 def test_resume_fingerprint_ignores_settings_free_to_change(tmp_path):
-    from crlft.config import recipe_from_dict
+    from crlft.recipe import recipe_from_dict
 
     def recipe(**train):
         return recipe_from_dict({
@@ -242,7 +242,7 @@ def test_rng_state_round_trip():
 def test_auto_lr_follows_openchats_rule_and_says_how(caplog):
     import datasets
 
-    from crlft.config import recipe_from_dict
+    from crlft.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"base": "x", "max_context": 1024},
