@@ -10,9 +10,10 @@
 #   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes (shared filesystem for data and runs)
 #
 # Without CUDA, DeepSpeed runs on its CPU accelerator (gloo) with 2 ranks unless --num_gpus says otherwise, so the
-# whole path runs on a laptop. Every option before the recipe goes to the `deepspeed` launcher unchanged; PYTHON
-# picks the interpreter (default: python). The dataset is prepared on this node only: with --hostfile, data.output_dir
-# and train.output_dir must be on a filesystem all nodes share.
+# whole path runs on a laptop (with --hostfile, its slots size the job instead). Every option before the recipe goes
+# to the `deepspeed` launcher unchanged; PYTHON picks the interpreter (default: python, else python3). The dataset
+# is prepared on this node only: with --hostfile, data.output_dir and train.output_dir must be on a filesystem all
+# nodes share.
 set -euo pipefail
 
 usage() {
@@ -20,7 +21,7 @@ usage() {
 }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+source "${here}/scripts/python.sh"
 # The repository's crlft wins, installed or not; DeepSpeed forwards PYTHONPATH to the other nodes.
 export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 
@@ -54,17 +55,33 @@ fi
 recipe="$1"
 shift
 overrides=("$@")
+PYTHON="$(crlft_python)"
 
 if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     :  # GPUs: DeepSpeed uses all of them unless --num_gpus / --include say otherwise
 else
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-    num_gpus="${num_gpus:-2}"
+    hostfile=""
+    for (( i = 0; i < ${#launcher_args[@]}; i++ )); do
+        case "${launcher_args[i]}" in
+            -H|--hostfile) hostfile="${launcher_args[i + 1]:-}" ;;
+            --hostfile=*) hostfile="${launcher_args[i]#*=}" ;;
+        esac
+    done
+    if [[ -n "$hostfile" && -z "$num_gpus" ]]; then
+        # The hostfile sizes the job (its slots are this node's ranks); a --num_gpus here would override it.
+        ranks_here="$(awk '/slots=/ { sub(/.*slots=/, ""); n = $1 + 0; if (n > max) max = n } END { print max + 0 }' \
+            "$hostfile" 2>/dev/null || echo 0)"
+        ranks_here=$(( ranks_here > 0 ? ranks_here : 1 ))
+    else
+        num_gpus="${num_gpus:-2}"
+        ranks_here="$num_gpus"
+    fi
     # Ranks share the cores: one OpenMP pool each, not one per core each.
     cores="$(nproc 2>/dev/null || echo 2)"
-    threads=$(( cores / num_gpus ))
+    threads=$(( cores / ranks_here ))
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
-    echo "launch.sh: no CUDA; DeepSpeed CPU accelerator with ${num_gpus} ranks, OMP_NUM_THREADS=${OMP_NUM_THREADS}"
+    echo "launch.sh: no CUDA; DeepSpeed CPU accelerator with ${ranks_here} ranks per node, OMP_NUM_THREADS=${OMP_NUM_THREADS}"
 fi
 if [[ -n "$num_gpus" ]]; then
     launcher_args+=(--num_gpus "$num_gpus")

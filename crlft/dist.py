@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torch_extensions_dir() -> str:
+    """Where this Python environment keeps DeepSpeed's JIT-compiled ops (``TORCH_EXTENSIONS_DIR`` wins if set).
+
+    torch's default, ``~/.cache/torch_extensions``, is shared by every environment of a user: two environments with
+    different torch or DeepSpeed builds then rebuild each other's op on every run (about 100 s of silence each). So
+    each environment gets its own: under its prefix when that is writable (a virtual environment), else in the
+    user's cache under a hash of the prefix.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    if os.access(sys.prefix, os.W_OK):
+        return os.path.join(sys.prefix, "share", "crlft", "torch_extensions")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    return os.path.join(cache, "crlft", "torch_extensions", digest)
+
+
 def init_distributed() -> DistInfo:
     """Join the process group the launcher set up (``deepspeed``/``torchrun`` env vars), or form one of size 1.
 
@@ -34,6 +53,7 @@ def init_distributed() -> DistInfo:
     """
     # Imported here, not at the top: launch.sh imports this module for free_port(), and importing deepspeed takes
     # about 6 s and prints its accelerator line on stdout.
+    os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # the op install.sh built for this environment
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -56,4 +76,4 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-__all__ = ["DistInfo", "barrier", "free_port", "init_distributed"]
+__all__ = ["DistInfo", "barrier", "free_port", "init_distributed", "torch_extensions_dir"]
