@@ -272,6 +272,7 @@ def _torch_varlen(
     window: int | None,
 ) -> torch.Tensor:
     """PyTorch's varlen FlashAttention on ``[T, H, D]`` tensors, causal, with an optional sliding window."""
+    # Imported here: the module exists only in recent torch builds, and this path runs only where it was found usable.
     from torch.nn.attention.varlen import varlen_attn
 
     # (left, right) are inclusive: (W - 1, 0) lets a query see W keys, itself included; (-1, 0) is plain causal.

@@ -12,6 +12,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -311,71 +312,73 @@ class Recipe:
 
     def validate(self) -> None:
         """Check the whole recipe and raise one ``UserError`` listing every problem found."""
-        problems: list[str] = []
-
-        def need(ok: bool, key_path: tuple, message: str) -> None:
-            if not ok:
-                problems.append(f"{self.where(*key_path)}: {message}")
-
-        m, d, t, ds = self.model, self.data, self.train, self.deepspeed
-        need(bool(m.base), ("model", "base"), "is required (a Hugging Face model id or a local directory)")
-
-        need(m.template in TEMPLATES, ("model", "template"),
-             f"unknown template {m.template!r}; known: {', '.join(sorted(TEMPLATES))}")
-        need(m.max_context > 0, ("model", "max_context"), "must be positive")
-
-        need(bool(d.output_dir), ("data", "output_dir"), "is required")
-        need(len(d.sources) > 0, ("data", "sources"), "needs at least one source")
-        seen: set[str] = set()
-        for i, s in enumerate(d.sources):
-            need(bool(s.name), ("data", "sources", i, "name"), "is required")
-            need(s.name not in seen, ("data", "sources", i, "name"), f"duplicate source name {s.name!r}")
-            seen.add(s.name)
-            need(bool(s.path), ("data", "sources", i, "path"), "is required")
-            need(math.isfinite(s.reward) and s.reward >= 0, ("data", "sources", i, "reward"),
-                 f"must be a non-negative number, got {s.reward!r}")
-            need(s.max_samples is None or s.max_samples > 0, ("data", "sources", i, "max_samples"),
-                 "must be positive")
-            need(s.repeat >= 1, ("data", "sources", i, "repeat"), "must be ≥ 1")
-        need(d.beta > 0, ("data", "beta"), "must be positive")
-        need(d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
-
-        need(bool(t.output_dir), ("train", "output_dir"), "is required")
-        need(t.epochs >= 1, ("train", "epochs"), "must be ≥ 1")
-        need(t.batch_max_len >= m.max_context, ("train", "batch_max_len"),
-             f"must be ≥ model.max_context ({m.max_context}) so every prepared conversation fits a packed row")
-        need(t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), ("train", "lr"), "must be positive or 'auto'")
-        need(0 <= t.lr_warmup_ratio < 1, ("train", "lr_warmup_ratio"), "must be in [0, 1)")
-        need(0 <= t.lr_min_ratio <= 1, ("train", "lr_min_ratio"), "must be in [0, 1]")
-        need(t.weight_decay >= 0, ("train", "weight_decay"), "must be ≥ 0")
-        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), ("train", "betas"),
-             "must be two numbers in [0, 1)")
-        need(t.eps > 0, ("train", "eps"), "must be positive")
-        need(t.grad_clip >= 0, ("train", "grad_clip"), "must be ≥ 0")
-        need(t.grad_accum >= 1, ("train", "grad_accum"), "must be ≥ 1")
-        need(t.max_steps is None or t.max_steps >= 1, ("train", "max_steps"), "must be ≥ 1")
-        need(t.save_every_steps is None or t.save_every_steps >= 1, ("train", "save_every_steps"), "must be ≥ 1")
-        need(t.keep_last >= 1, ("train", "keep_last"), "must be ≥ 1")
-        need(t.pad_to_multiple_of is None or t.pad_to_multiple_of >= 1, ("train", "pad_to_multiple_of"),
-             "must be ≥ 1")
-
-        need(ds.zero_stage in (0, 1, 2, 3), ("deepspeed", "zero_stage"), "must be 0, 1, 2 or 3")
-        need(not ds.offload_param or ds.zero_stage == 3, ("deepspeed", "offload_param"), "needs zero_stage 3")
-        need(ds.config is None or os.path.isfile(ds.config), ("deepspeed", "config"),
-             f"file not found: {ds.config}")
-        need(self.logging.log_every >= 1, ("logging", "log_every"), "must be ≥ 1")
-        need(self.eval.max_new_tokens >= 1, ("eval", "max_new_tokens"), "must be ≥ 1")
-        need(self.eval.batch_size >= 1, ("eval", "batch_size"), "must be ≥ 1")
-        need(self.eval.max_samples is None or self.eval.max_samples >= 1, ("eval", "max_samples"), "must be ≥ 1")
-
+        problems = [f"{self.where(*key_path)}: {message}" for ok, key_path, message in self._rules() if not ok]
         if problems:
             where = self.source_path or "recipe"
             raise UserError(f"{len(problems)} problem(s) in {where}:\n  " + "\n  ".join(problems))
+
+    def _rules(self) -> Iterator[tuple[bool, tuple, str]]:
+        """``(holds, key path, what is wrong otherwise)`` for every rule a recipe must follow."""
+        m, d, t, ds = self.model, self.data, self.train, self.deepspeed
+        yield (bool(m.base), ("model", "base"), "is required (a Hugging Face model id or a local directory)")
+
+        yield (m.template in TEMPLATES, ("model", "template"),
+               f"unknown template {m.template!r}; known: {', '.join(sorted(TEMPLATES))}")
+        yield (m.max_context > 0, ("model", "max_context"), "must be positive")
+
+        yield (bool(d.output_dir), ("data", "output_dir"), "is required")
+        yield (len(d.sources) > 0, ("data", "sources"), "needs at least one source")
+        yield from _source_rules(d.sources)
+        yield (d.beta > 0, ("data", "beta"), "must be positive")
+        yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
+
+        yield (bool(t.output_dir), ("train", "output_dir"), "is required")
+        yield (t.epochs >= 1, ("train", "epochs"), "must be ≥ 1")
+        yield (t.batch_max_len >= m.max_context, ("train", "batch_max_len"),
+               f"must be ≥ model.max_context ({m.max_context}) so every prepared conversation fits a packed row")
+        yield (t.lr == "auto" or (isinstance(t.lr, float) and t.lr > 0), ("train", "lr"), "must be positive or 'auto'")
+        yield (0 <= t.lr_warmup_ratio < 1, ("train", "lr_warmup_ratio"), "must be in [0, 1)")
+        yield (0 <= t.lr_min_ratio <= 1, ("train", "lr_min_ratio"), "must be in [0, 1]")
+        yield (t.weight_decay >= 0, ("train", "weight_decay"), "must be ≥ 0")
+        yield (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), ("train", "betas"),
+               "must be two numbers in [0, 1)")
+        yield (t.eps > 0, ("train", "eps"), "must be positive")
+        yield (t.grad_clip >= 0, ("train", "grad_clip"), "must be ≥ 0")
+        yield (t.grad_accum >= 1, ("train", "grad_accum"), "must be ≥ 1")
+        yield (t.max_steps is None or t.max_steps >= 1, ("train", "max_steps"), "must be ≥ 1")
+        yield (t.save_every_steps is None or t.save_every_steps >= 1, ("train", "save_every_steps"), "must be ≥ 1")
+        yield (t.keep_last >= 1, ("train", "keep_last"), "must be ≥ 1")
+        yield (t.pad_to_multiple_of is None or t.pad_to_multiple_of >= 1, ("train", "pad_to_multiple_of"),
+               "must be ≥ 1")
+
+        yield (ds.zero_stage in (0, 1, 2, 3), ("deepspeed", "zero_stage"), "must be 0, 1, 2 or 3")
+        yield (not ds.offload_param or ds.zero_stage == 3, ("deepspeed", "offload_param"), "needs zero_stage 3")
+        yield (ds.config is None or os.path.isfile(ds.config), ("deepspeed", "config"),
+               f"file not found: {ds.config}")
+        yield (self.logging.log_every >= 1, ("logging", "log_every"), "must be ≥ 1")
+        yield (self.eval.max_new_tokens >= 1, ("eval", "max_new_tokens"), "must be ≥ 1")
+        yield (self.eval.batch_size >= 1, ("eval", "batch_size"), "must be ≥ 1")
+        yield (self.eval.max_samples is None or self.eval.max_samples >= 1, ("eval", "max_samples"), "must be ≥ 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (saved with checkpoints and in dataset metadata)."""
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if not f.name.startswith("_") and f.name != "source_path"}
+
+
+def _source_rules(sources: list[SourceConfig]) -> Iterator[tuple[bool, tuple, str]]:
+    """The rules of ``data.sources`` (see ``Recipe._rules``)."""
+    seen: set[str] = set()
+    for i, s in enumerate(sources):
+        yield (bool(s.name), ("data", "sources", i, "name"), "is required")
+        yield (s.name not in seen, ("data", "sources", i, "name"), f"duplicate source name {s.name!r}")
+        seen.add(s.name)
+        yield (bool(s.path), ("data", "sources", i, "path"), "is required")
+        yield (math.isfinite(s.reward) and s.reward >= 0, ("data", "sources", i, "reward"),
+               f"must be a non-negative number, got {s.reward!r}")
+        yield (s.max_samples is None or s.max_samples > 0, ("data", "sources", i, "max_samples"),
+               "must be positive")
+        yield (s.repeat >= 1, ("data", "sources", i, "repeat"), "must be ≥ 1")
 
 
 # --------------------------------------------------------------------------------------------------------------

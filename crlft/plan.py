@@ -261,62 +261,66 @@ def _gib(num_bytes: float) -> str:
 
 
 def plan_text(recipe: Recipe, num_gpus: int) -> str:
-    """The report ``crlft plan`` prints."""
-    m, t, ds = recipe.model, recipe.train, recipe.deepspeed
+    """The report ``crlft plan`` prints: the model, memory per GPU, data and steps, learning rate."""
     lines = [f"crlft plan: {recipe.source_path or 'recipe'} on {num_gpus} GPU(s)", ""]
-
-    # ---- model
-    size: ModelSize | None
     try:
-        size = model_size(recipe)
+        size: ModelSize | None = model_size(recipe)
     except UserError as error:
         size = None
         lines += ["model", f"  parameter count unknown: {error}", ""]
     if size is not None:
-        c = size.config
-        lines += [
-            "model",
-            f"  {size.source} ({size.model_type}): {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-            f"vocabulary {size.vocab_before:,}",
-            f"  parameters: {size.params_before:,} ({size.params_before / 1e9:.2f}B) before the template's tokens",
-            f"              {size.params_after:,} ({size.params_after / 1e9:.2f}B) with vocabulary {size.vocab_after:,}"
-            f" (+{size.params_after - size.params_before:,})",
-        ]
-        if size.note:
-            lines.append(f"  {size.note}")
-        lines.append("")
+        lines += _model_lines(size) + _memory_lines(recipe, size, num_gpus)
+    return "\n".join(lines + _data_and_lr_lines(recipe, size, num_gpus))
 
-    # ---- memory
-    if size is not None:
-        bf16 = m.dtype == "bfloat16"
-        b = 2 if bf16 else 4
-        ds_config = deepspeed_config(recipe)
-        act = activation_bytes(size.config, t.batch_max_len, m.gradient_checkpointing, b)
-        act_other = activation_bytes(size.config, t.batch_max_len, not m.gradient_checkpointing, b)
-        lines += [
-            f"memory per GPU ({m.dtype}, batch_max_len {t.batch_max_len:,} tokens per micro-batch, "
-            f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; Ψ = {size.params_after:,})",
-            "  stage   weights  gradients  optimizer    buffers  activations      total" + ("        cpu"),
-        ]
-        for stage in range(4):
-            est = memory_per_gpu(
-                size.params_after, num_gpus, stage, act, ds_config, bf16, ds.offload_optimizer,
-                ds.offload_param and stage == 3,
-            )
-            mark = "→" if stage == ds.zero_stage else " "
-            lines.append(
-                f"  {mark} {stage}  {_gib(est.weights)} {_gib(est.gradients)} {_gib(est.optimizer)} "
-                f"{_gib(est.buffers)}   {_gib(est.activations)} {_gib(est.total)} {_gib(est.cpu)}"
-            )
-        lines += [
-            f"  activations with gradient checkpointing {'off' if m.gradient_checkpointing else 'on'} instead: "
-            f"{act_other / GIB:.1f} GiB",
-            "  (formulas: `python -c 'import crlft.plan; help(crlft.plan)'`; add ~1-3 GiB for the CUDA context "
-            "and fragmentation)",
-            "",
-        ]
 
-    # ---- data, steps, learning rate
+def _model_lines(size: ModelSize) -> list[str]:
+    c = size.config
+    lines = [
+        "model",
+        f"  {size.source} ({size.model_type}): {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"vocabulary {size.vocab_before:,}",
+        f"  parameters: {size.params_before:,} ({size.params_before / 1e9:.2f}B) before the template's tokens",
+        f"              {size.params_after:,} ({size.params_after / 1e9:.2f}B) with vocabulary {size.vocab_after:,}"
+        f" (+{size.params_after - size.params_before:,})",
+    ]
+    if size.note:
+        lines.append(f"  {size.note}")
+    return lines + [""]
+
+
+def _memory_lines(recipe: Recipe, size: ModelSize, num_gpus: int) -> list[str]:
+    m, t, ds = recipe.model, recipe.train, recipe.deepspeed
+    bf16 = m.dtype == "bfloat16"
+    b = 2 if bf16 else 4
+    ds_config = deepspeed_config(recipe)
+    act = activation_bytes(size.config, t.batch_max_len, m.gradient_checkpointing, b)
+    act_other = activation_bytes(size.config, t.batch_max_len, not m.gradient_checkpointing, b)
+    lines = [
+        f"memory per GPU ({m.dtype}, batch_max_len {t.batch_max_len:,} tokens per micro-batch, "
+        f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; Ψ = {size.params_after:,})",
+        "  stage   weights  gradients  optimizer    buffers  activations      total" + ("        cpu"),
+    ]
+    for stage in range(4):
+        est = memory_per_gpu(
+            size.params_after, num_gpus, stage, act, ds_config, bf16, ds.offload_optimizer,
+            ds.offload_param and stage == 3,
+        )
+        mark = "→" if stage == ds.zero_stage else " "
+        lines.append(
+            f"  {mark} {stage}  {_gib(est.weights)} {_gib(est.gradients)} {_gib(est.optimizer)} "
+            f"{_gib(est.buffers)}   {_gib(est.activations)} {_gib(est.total)} {_gib(est.cpu)}"
+        )
+    return lines + [
+        f"  activations with gradient checkpointing {'off' if m.gradient_checkpointing else 'on'} instead: "
+        f"{act_other / GIB:.1f} GiB",
+        "  (formulas: docs/design.md, \"crlft plan\"; add ~1-3 GiB for the CUDA context and fragmentation)",
+        "",
+    ]
+
+
+def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) -> list[str]:
+    m, t = recipe.model, recipe.train
+    lines: list[str] = []
     data = data_plan(recipe, num_gpus)
     lines.append("data")
     if size is not None:
@@ -370,8 +374,7 @@ def plan_text(recipe: Recipe, num_gpus: int) -> str:
         f"  schedule: linear warm-up over {t.lr_warmup_ratio:.0%} of the steps, cosine decay to "
         f"{t.lr_min_ratio:g} x peak; AdamW betas {t.betas}, weight decay {t.weight_decay:g}",
     ]
-    return "\n".join(lines)
-
+    return lines
 
 
 __all__ = [
