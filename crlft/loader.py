@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from crlft.collate import pack_row
 from crlft.errors import UserError
 from crlft.mixing import StepMixing, one_class_steps
-from crlft.packing import _PLAN_VERSION, EpochPlan, _bin_sums, _check_lengths, plan_epoch
+from crlft.packing import _PLAN_VERSION, EpochPlan, _bin_sums, _check_lengths, check_integer_arguments, plan_epoch
 
 
 @dataclass
@@ -110,16 +110,14 @@ def _list_column_totals(column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def _check_arguments(max_tokens: Any, num_ranks: Any, rank: Any, grad_accum: Any, seed: Any, prefetch: Any,
                      num_epochs: Any) -> None:
     """Each argument is an integer in its range; anything else is a caller's bug (ValueError)."""
-    for name, value, low in (
+    check_integer_arguments("PackedLoader: ", (
         ("max_tokens", max_tokens, 1),
         ("num_ranks", num_ranks, 1),
         ("grad_accum", grad_accum, 1),
         ("seed", seed, 0),
         ("prefetch", prefetch, 1),
         ("num_epochs", num_epochs, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"PackedLoader: {name} must be an integer >= {low}, got {value!r}")
+    ))
     if not 0 <= rank < num_ranks:
         raise ValueError(f"PackedLoader: rank must be in [0, {num_ranks}), got {rank}")
 

@@ -7,14 +7,12 @@ exactly once per epoch, nothing dropped. How it packs, and why, is in ``docs/des
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import Any
 
 import numpy as np
-
-from crlft.errors import UserError
 
 # Planner tuning, chosen with benchmarks/bench_packing.py. Changing it changes the plans, so _PLAN_VERSION must
 # change too: it is part of the loader's resume fingerprint.
@@ -74,26 +72,33 @@ class EpochPlan:
 def _check_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
     lengths = np.asarray(lengths)
     if lengths.ndim != 1:
-        raise UserError(f"lengths must be a 1-D array of token counts, got shape {lengths.shape}")
+        raise ValueError(f"lengths must be a 1-D array of token counts, got shape {lengths.shape}")
     if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
         if not np.all(np.mod(lengths, 1) == 0):
-            raise UserError("lengths must be whole token counts")
+            raise ValueError("lengths must be whole token counts")
     lengths = lengths.astype(np.int64)
     too_long = np.flatnonzero(lengths > max_tokens)
     if too_long.size:
         i = int(too_long[0])
-        raise UserError(
+        raise ValueError(
             f"conversation {i} has {int(lengths[i])} tokens, more than max_tokens={max_tokens} "
             f"({too_long.size} conversation(s) too long in all); prepare must truncate to max_context <= max_tokens"
         )
     too_short = np.flatnonzero(lengths < 1)
     if too_short.size:
         i = int(too_short[0])
-        raise UserError(
+        raise ValueError(
             f"conversation {i} has {int(lengths[i])} tokens; every conversation needs at least 1 "
             f"({too_short.size} such conversation(s) in all)"
         )
     return lengths
+
+
+def check_integer_arguments(owner: str, arguments: Iterable[tuple[str, Any, int]]) -> None:
+    """Raises ValueError (a caller's bug) unless every ``(name, value, lowest)`` is an integer ``>= lowest``."""
+    for name, value, low in arguments:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{owner}{name} must be an integer >= {low}, got {value!r}")
 
 
 def stream_order(num_conversations: int, seed: int, epoch: int) -> np.ndarray:
@@ -285,7 +290,8 @@ def plan_epoch(lengths: Any, max_tokens: int, num_ranks: int, seed: int, epoch: 
     Args:
         lengths: token length of every conversation (1-D, integer, each in ``[1, max_tokens]``).
         max_tokens: capacity of a bin (one packed row) in tokens.
-        num_ranks: bins per step; with gradient accumulation pass ``ranks * grad_accum`` (see module docstring).
+        num_ranks: bins per step; with gradient accumulation pass ``ranks * grad_accum`` (the virtual-rank rule of
+            ``docs/design.md``, "Packing").
         seed: non-negative run seed.
         epoch: non-negative epoch number.
 
@@ -295,17 +301,11 @@ def plan_epoch(lengths: Any, max_tokens: int, num_ranks: int, seed: int, epoch: 
         Deterministic for ``(seed, epoch)``; empty input gives a plan with zero steps.
 
     Raises:
-        UserError (a ValueError): on a conversation longer than ``max_tokens`` (naming its index and length), a
+        ValueError: on a conversation longer than ``max_tokens`` (naming its index and length), a
             conversation with no tokens, or bad arguments.
     """
-    for name, value, low in (
-        ("max_tokens", max_tokens, 1),
-        ("num_ranks", num_ranks, 1),
-        ("seed", seed, 0),
-        ("epoch", epoch, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_integer_arguments("", (("max_tokens", max_tokens, 1), ("num_ranks", num_ranks, 1), ("seed", seed, 0),
+                                 ("epoch", epoch, 0)))
     max_tokens, num_ranks = int(max_tokens), int(num_ranks)
     lengths = _check_lengths(lengths, max_tokens)
     n = len(lengths)
@@ -387,7 +387,7 @@ def plan_stats(plan: EpochPlan, lengths: Any, max_tokens: int, grad_accum: int =
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if plan.num_ranks % grad_accum:
-        raise UserError(f"plan has {plan.num_ranks} bins per step, not a multiple of grad_accum={grad_accum}")
+        raise ValueError(f"plan has {plan.num_ranks} bins per step, not a multiple of grad_accum={grad_accum}")
     planned = lengths[plan.conversation_indices]
     bin_tokens = _bin_sums(planned, plan.bin_offsets).reshape(plan.num_steps, plan.num_ranks)
     bin_costs = _bin_sums(planned.astype(np.float64) ** 2, plan.bin_offsets).reshape(plan.num_steps, plan.num_ranks)
@@ -415,6 +415,7 @@ def plan_stats(plan: EpochPlan, lengths: Any, max_tokens: int, grad_accum: int =
 __all__ = [
     "EpochPlan",
     "PlanStats",
+    "check_integer_arguments",
     "plan_epoch",
     "plan_stats",
     "stream_order",
