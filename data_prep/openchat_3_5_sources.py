@@ -135,14 +135,20 @@ def convert_openorca(record: dict[str, Any], default_model: str | None = None) -
     model = record.get("model") or default_model
     if not model:
         raise SkipRecord("no 'model' column and no model given for the file: cannot tell GPT-4 from GPT-3.5")
+    messages = _orca_messages(record)
+    target = "openorca_gpt4" if is_gpt4(model) else "openorca_gpt35"
+    return [(target, {"id": record.get("id"), "model": model, "messages": messages})]
+
+
+def _orca_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Open-Orca's ``system_prompt`` (when not empty), ``question`` and ``response`` as messages."""
     messages = []
     system = record.get("system_prompt")
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": _text(record, "question")})
     messages.append({"role": "assistant", "content": _text(record, "response")})
-    target = "openorca_gpt4" if is_gpt4(model) else "openorca_gpt35"
-    return [(target, {"id": record.get("id"), "model": model, "messages": messages})]
+    return messages
 
 
 def convert_openorca_flan(record: dict[str, Any]) -> Converted:
@@ -170,12 +176,7 @@ def convert_openorca_flan(record: dict[str, Any]) -> Converted:
             f"{', '.join(sorted(map(str, columns))) or 'none'}. Its card documents no columns: look at what the "
             "download holds and adapt convert_openorca_flan (no openorca_flan.jsonl written)."
         )
-    messages = []
-    system = record.get("system_prompt")
-    if isinstance(system, str) and system.strip():
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": _text(record, "question")})
-    messages.append({"role": "assistant", "content": _text(record, "response")})
+    messages = _orca_messages(record)
     return [("openorca_flan", {"id": record.get("id"), "messages": messages})]
 
 
