@@ -150,7 +150,7 @@ def compare_with_random(
     rng = np.random.default_rng(12345)
     draws = []
     for _ in range(num_random_draws):
-        shuffled = rng.permutation(n)
+        shuffled = rng.permutation(plan.conversation_indices)  # the planned ones (a peer's plan may drop some)
         draws.append(_composition(steps, sizes, is_expert[shuffled], lengths[shuffled], measured))
     random_figures = np.mean(draws, axis=0)
     position = np.empty(n, np.int64)
