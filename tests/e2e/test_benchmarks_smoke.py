@@ -20,8 +20,6 @@ import bench_loss  # noqa: E402
 import bench_train  # noqa: E402
 import gpu_check_report  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_bench_gpu_smoke_runs_every_backend_with_and_without_checkpointing(tmp_path):
     out = tmp_path / "gpu.json"
@@ -141,9 +139,9 @@ def test_gpu_check_smoke_runs_every_phase_on_the_cpu(tmp_path):
     _tiny_wheel(wheels)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+           "PYTHONPATH": REPO_ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     env.pop("OUT", None)
-    done = subprocess.run([os.path.join(REPO, "benchmarks", "gpu_check.sh"), "--smoke", "--out", str(out),
+    done = subprocess.run([os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh"), "--smoke", "--out", str(out),
                            "--wheels", str(wheels)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -203,7 +201,7 @@ def test_gpu_wheels_builds_the_carried_folder(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"PyPI not reachable: {probe.stderr.strip()[-200:]}")
     out = tmp_path / "whl"
-    done = subprocess.run([os.path.join(REPO, "benchmarks", "gpu_wheels.sh"), str(out)], env={
+    done = subprocess.run([os.path.join(REPO_ROOT, "benchmarks", "gpu_wheels.sh"), str(out)], env={
         **os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     wheels = sorted(os.listdir(out))

@@ -43,8 +43,8 @@ from crlft.attention import (  # noqa: E402
     packed_attention_kwargs,
     register_varlen_attention,
 )
-from crlft.loss import chunked_weighted_cross_entropy  # noqa: E402
 from crlft.collate import pack_row  # noqa: E402
+from crlft.loss import chunked_weighted_cross_entropy  # noqa: E402
 
 ON_CPU = os.environ.get("CRLFT_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [
