@@ -33,7 +33,7 @@ def tiny_mistral_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def zero2_e2e_run(tmp_path_factory, tiny_mistral_dir) -> dict:
-    """ZeRO-2, fp32, 2 CPU ranks, through ``launch.sh`` (which runs ``crlft prepare`` first): 12 steps, 3 epochs.
+    """ZeRO-2, fp32, 2 CPU ranks, through ``launch.sh`` (which runs ``crlft prepare`` first): 15 steps, 3 epochs.
 
     Returns ``{"dir": run dir, "log": output, "recipe": recipe path, "dtype": "float32"}``.
     """

@@ -1,5 +1,5 @@
 """A run killed with SIGKILL after a checkpoint and relaunched with ``train.resume=auto`` logs the same losses as the
-uninterrupted run (conftest's ``zero2_e2e_run``: ZeRO-2, 2 ranks, 12 steps, checkpoints every 4 steps and at each
+uninterrupted run (conftest's ``zero2_e2e_run``: ZeRO-2, 2 ranks, 15 steps, checkpoints every 4 steps and at each
 epoch end), and ends with the same weights. A recipe changed in ways that matter is refused.
 
 The kill comes from outside, like a machine dying: the test watches ``metrics.jsonl`` and SIGKILLs the launcher and
@@ -85,11 +85,7 @@ def test_resume_with_a_changed_batch_size_is_refused(resumed, zero2_e2e_run, mon
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    from crlft.checkpoint import list_checkpoints
-
     message = str(error.value)
-    newest = list_checkpoints(resumed["dir"])[-1][1]
-    assert newest.endswith("step_00000012")  # the last step of the run (4 steps per epoch, 3 epochs)
-    assert f"cannot resume from {newest}" in message
+    assert "cannot resume from" in message and "step_00000015" in message
     assert "batch_max_len: checkpoint 256, now 512" in message
     assert "world_size: checkpoint 2, now 1" in message
