@@ -102,8 +102,10 @@ fi
 "$deepspeed_bin" ${launcher_args[@]+"${launcher_args[@]}"} --module crlft.train "$recipe" \
     ${overrides[@]+"${overrides[@]}"}
 
-# Recipes with held-out prompts (eval.prompts) end with their exact-match accuracy under each condition.
-if "$PYTHON" -c 'import sys; from crlft.config import load_recipe; sys.exit(0 if load_recipe(sys.argv[1], sys.argv[2:]).eval.prompts else 1)' \
-        "$recipe" ${overrides[@]+"${overrides[@]}"} 2>/dev/null; then
+# Recipes with held-out prompts (eval.prompts) end with their exact-match accuracy under each condition. (A recipe
+# that cannot be read stops here with its error, never skips the evaluation silently.)
+has_prompts="$("$PYTHON" -c 'import sys; from crlft.recipe import load_recipe; print("yes" if load_recipe(sys.argv[1], sys.argv[2:]).eval.prompts else "no")' \
+    "$recipe" ${overrides[@]+"${overrides[@]}"})"
+if [[ "$has_prompts" == "yes" ]]; then
     "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"}
 fi
