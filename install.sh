@@ -39,11 +39,11 @@ if [[ -n "$extra" ]]; then
 fi
 # On a machine without CUDA, DeepSpeed's CPU accelerator JIT-compiles its shared-memory all-reduce op the first time
 # ranks start (about 2 minutes). Build it now, once, where this environment's ranks will look for it.
-TORCH_EXTENSIONS_DIR="$("$PYTHON" -c 'from crlft.dist import torch_extensions_dir; print(torch_extensions_dir())')"
-export TORCH_EXTENSIONS_DIR
 "$PYTHON" - <<'PY' 2>&1 | grep -v "real_accelerator" || true
 import os
 import torch
+from crlft.dist import torch_extensions_dir
+os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
 if not torch.cuda.is_available():
     from deepspeed.accelerator import get_accelerator
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

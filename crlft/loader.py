@@ -230,7 +230,7 @@ class PackedLoader:
         if cached is not None:
             return cached
         plan = plan_epoch(self.lengths, self.max_tokens, self.num_ranks * self.grad_accum, self.seed, epoch)
-        step_offsets = plan.bin_offsets[:: plan.num_ranks]
+        step_offsets = plan.step_offsets
         indices = plan.conversation_indices
         totals = _EpochTotals(
             plan=plan,

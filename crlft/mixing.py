@@ -15,14 +15,9 @@ import numpy as np
 from crlft.packing import EpochPlan, stream_order
 
 
-def _step_sizes(plan: EpochPlan) -> np.ndarray:
-    step_offsets = plan.bin_offsets[:: plan.num_ranks]
-    return np.diff(step_offsets)
-
-
 def _step_of_conversations(plan: EpochPlan) -> np.ndarray:
     """Step of each entry of ``plan.conversation_indices``."""
-    return np.repeat(np.arange(plan.num_steps), _step_sizes(plan))
+    return np.repeat(np.arange(plan.num_steps), np.diff(plan.step_offsets))
 
 
 def _all_from_one_class(class_size: int, total: int, drawn: int) -> float:
@@ -67,27 +62,23 @@ def one_class_steps(plan: EpochPlan, class_of_conversation: np.ndarray) -> StepM
         A :class:`StepMixing`.
     """
     codes = np.asarray(class_of_conversation)
-    num_classes = len(np.unique(codes))
+    class_sizes = np.unique(codes, return_counts=True)[1]
     if plan.num_steps == 0:
-        return StepMixing(0, num_classes, 0.0, 0.0)
+        return StepMixing(0, len(class_sizes), 0.0, 0.0)
     measured = max(plan.num_steps - 1, 1)
-    steps = _step_of_conversations(plan)
-    planned = codes[plan.conversation_indices]
-    first_class = np.full(plan.num_steps, -1, np.int64)
-    mixed = np.zeros(plan.num_steps, bool)
-    step_starts = np.concatenate([[0], np.cumsum(_step_sizes(plan))[:-1]])
-    nonempty = _step_sizes(plan) > 0
-    first_class[nonempty] = planned[step_starts[nonempty]]
-    np.logical_or.at(mixed, steps, planned != first_class[steps])
-    one_class = (~mixed & nonempty)[:measured]
-    class_sizes = np.bincount(np.unique(codes, return_inverse=True)[1])
-    total = len(codes)
-    random_share = float(
-        np.mean(
-            [sum(_all_from_one_class(int(c), total, int(k)) for c in class_sizes) for k in _step_sizes(plan)[:measured]]
-        )
-    )
-    return StepMixing(measured, num_classes, float(one_class.mean()), random_share)
+    starts, sizes = plan.step_offsets[:measured], np.diff(plan.step_offsets)[:measured]
+    planned = codes[plan.conversation_indices[: plan.step_offsets[measured]]]  # the measured steps only
+    one_class = np.zeros(measured, bool)
+    nonempty = sizes > 0  # only a lone last step can be empty
+    if nonempty.any():
+        lowest = np.minimum.reduceat(planned, starts[nonempty])
+        highest = np.maximum.reduceat(planned, starts[nonempty])
+        one_class[nonempty] = lowest == highest
+    # Steps of equal size have the same chance; there are far fewer sizes than steps.
+    step_sizes, num_steps_of_size = np.unique(sizes, return_counts=True)
+    chance = [sum(_all_from_one_class(int(c), len(codes), int(k)) for c in class_sizes) for k in step_sizes]
+    random_share = float(np.dot(chance, num_steps_of_size) / measured)
+    return StepMixing(measured, len(class_sizes), float(one_class.mean()), random_share)
 
 
 @dataclass(frozen=True)
@@ -141,7 +132,7 @@ def compare_with_random(
     lengths = np.asarray(lengths, np.float64)
     is_expert = np.asarray(is_expert, np.float64)
     n = len(lengths)
-    sizes = _step_sizes(plan)
+    sizes = np.diff(plan.step_offsets)
     measured = max(plan.num_steps - 1, 1)
     steps = _step_of_conversations(plan)
     ours = _composition(

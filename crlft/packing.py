@@ -43,6 +43,11 @@ class EpochPlan:
         return (len(self.bin_offsets) - 1) // self.num_ranks
 
     @property
+    def step_offsets(self) -> np.ndarray:
+        """``num_steps + 1`` offsets into ``conversation_indices``: where each step's conversations start."""
+        return self.bin_offsets[:: self.num_ranks]
+
+    @property
     def num_bins(self) -> int:
         """Number of bins (rows) in the epoch, empty ones of the last step included."""
         return len(self.bin_offsets) - 1
