@@ -192,9 +192,12 @@ def deepspeed_command() -> str:
 def run_deepspeed(recipe_path: str, overrides: tuple[str, ...] = (), num_ranks: int = 2, env: dict | None = None,
                   timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N --module crlft.train RECIPE overrides`` on CPU ranks."""
+    port = free_port()
     cmd = [deepspeed_command(), "--num_gpus", str(num_ranks),
-           "--master_port", str(free_port()), "--module", "crlft.train", recipe_path, *overrides]
-    return _run(cmd, run_env(env), timeout, check)
+           "--master_port", str(port), "--module", "crlft.train", recipe_path, *overrides]
+    result = _run(cmd, run_env(env), timeout, check)
+    result.master_port = port  # names DeepSpeed's shared-memory files of this run
+    return result
 
 
 def run_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | None = None, timeout: int = 600,

@@ -27,6 +27,8 @@ from helpers import (
     write_recipe,
 )
 
+from crlft.dist import shm_buffer_path
+
 pytestmark = pytest.mark.slow
 
 EPOCHS = E2E_EPOCHS
@@ -48,7 +50,8 @@ def zero3_run(tmp_path_factory, tiny_mistral_dir):
     recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
     prepare_recipe(recipe)
     result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline"), num_ranks=2)
-    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16"}
+    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16",
+            "master_port": result.master_port}
 
 
 @pytest.fixture(params=["zero2", "zero3"])
@@ -68,6 +71,12 @@ def test_wandb_offline_run_written_without_network(zero3_run):
     files = os.listdir(os.path.join(wandb_dir, runs[0]))
     data = [f for f in files if f.endswith(".wandb")]
     assert data and os.path.getsize(os.path.join(wandb_dir, runs[0], data[0])) > 0
+
+
+def test_no_shared_memory_left_behind(zero3_run):
+    # DeepSpeed's CPU all-reduce makes a 66 MB /dev/shm file per rank and never removes it (crlft.dist unlinks it).
+    leftovers = [shm_buffer_path(rank, "127.0.0.1", str(zero3_run["master_port"])) for rank in range(2)]
+    assert [p for p in leftovers if os.path.exists(p)] == []
 
 
 def test_loss_falls_and_every_step_is_logged(run):
