@@ -216,11 +216,9 @@ def render_batch(
         if add_generation_prompt and not condition:
             condition = template.inference_condition
         if condition and template.uses_condition and condition not in checked_conditions:
-            # the condition is written into the role prefixes, where control tokens are live: refuse them
-            typed = [token for token in (*encoder.control_ids, *encoder.named_tokens) if token in condition]
-            if typed:
-                raise ValueError(f"conversation {conversation_index}: condition {condition!r} contains control "
-                                 f"tokens {typed}")
+            problem = _condition_problem(condition, encoder)
+            if problem:
+                raise ValueError(f"conversation {conversation_index}: {problem}")
             checked_conditions.add(condition)
         plan = []
         previous_plain = False  # whether the text before the next piece ends with plain text
@@ -283,6 +281,25 @@ def render_batch(
         all_ids.append(ids)
         all_weights.append(weights)
     return all_ids, all_weights
+
+
+def condition_problem(condition: str, template: str | Template, tokenizer) -> str | None:
+    """What makes a condition unusable with a template and tokenizer, or None when it is usable.
+
+    The condition is written into the role prefixes, where control tokens are live: one typed inside it (the
+    template's, or a named token of the tokenizer such as ``</s>``) would become a control id, so it is refused.
+    """
+    template = get_template(template)
+    if not condition or not template.uses_condition:
+        return None
+    return _condition_problem(condition, _encoder_for(tokenizer, template))
+
+
+def _condition_problem(condition: str, encoder: _Encoder) -> str | None:
+    typed = list(dict.fromkeys(token for token in (*encoder.control_ids, *encoder.named_tokens) if token in condition))
+    if not typed:
+        return None
+    return f"condition {condition!r} contains the control token(s) {', '.join(typed)}"
 
 
 def _message_weight(message: Message, conversation_index: int, message_index: int, inference: bool) -> float:
