@@ -86,6 +86,11 @@ def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
     cached = _TOKENIZER_CACHE.get(key)
     if cached is None:
         where = recipe.where("model", "tokenizer" if m.tokenizer else "base")
+        expanded = os.path.expanduser(name)
+        # A hub id is "name" or "org/name"; anything else that is not a directory is a local path that is missing
+        # (named as such, not as a malformed hub id).
+        if not os.path.isdir(expanded) and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+            raise UserError(f"{where}: directory not found: {expanded}")
         try:
             tokenizer = load_tokenizer(name, TEMPLATES[m.template])
         except (OSError, ValueError) as e:
