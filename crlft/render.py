@@ -71,7 +71,11 @@ class _Encoder:
             )
         self.control_ids = {token: vocab[token] for token in template.control_tokens}
         self.bos_ids = [tokenizer.bos_token_id] if template.add_bos and tokenizer.bos_token_id is not None else []
-        self.named_tokens = tuple(str(token) for token in tokenizer.all_special_tokens)
+        # Every special token (eos `</s>` stays one after eos moved to the end-of-turn token): whole-string
+        # tokenization, as of the exported chat template, turns each into its control id.
+        self.named_tokens = tuple(dict.fromkeys([*(str(token) for token in tokenizer.all_special_tokens),
+                                                 *(t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if t.special)]))
         self._fixed_cache: dict[tuple[str, bool], tuple[list[int], bool]] = {}
 
     def encode_text(self, texts: list[str], continuation: bool) -> list[list[int]]:
