@@ -330,9 +330,10 @@ class Recipe:
         yield (bool(d.output_dir), ("data", "output_dir"), "is required")
         yield (len(d.sources) > 0, ("data", "sources"), "needs at least one source")
         yield from _source_rules(d.sources)
+        template = TEMPLATES.get(m.template)
+        live = template.control_tokens if template is not None and template.uses_condition else ()
         for i, s in enumerate(d.sources):  # written into the role prefixes, where control tokens are live
-            typed = [token for token in TEMPLATES[m.template].control_tokens if token in s.condition] if (
-                m.template in TEMPLATES and TEMPLATES[m.template].uses_condition) else []
+            typed = [t for t in live if t in s.condition]
             yield (not typed, ("data", "sources", i, "condition"), f"contains the control token(s) {', '.join(typed)}")
         yield (d.beta > 0, ("data", "beta"), "must be positive")
         yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")

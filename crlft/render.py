@@ -6,6 +6,7 @@ between a role prefix and the message text never depends on the text; typed cont
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -128,6 +129,8 @@ def _encoder_for(tokenizer, template: Template) -> _Encoder:
     """The cached encoder of (tokenizer, template); rebuilt when tokens were added to the tokenizer since."""
     key = (id(tokenizer), template.name, len(tokenizer))
     cached = _ENCODER_CACHE.get(key)
+    # The inference condition does not change how pieces are encoded (chat and eval vary it per call).
+    template = dataclasses.replace(template, inference_condition="")
     # the cache holds the tokenizer, so its id cannot be reused by another object while cached
     if cached is not None and cached[0] is tokenizer and cached[1].template == template:
         return cached[1]
