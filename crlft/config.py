@@ -334,7 +334,7 @@ class Recipe:
         live = template.control_tokens if template is not None and template.uses_condition else ()
         for i, s in enumerate(d.sources):  # written into the role prefixes, where control tokens are live
             typed = [t for t in live if t in s.condition]
-            yield (not typed, ("data", "sources", i, "condition"), f"contains the control token(s) {', '.join(typed)}")
+            yield (not typed, ("data", "sources", i, "condition"), f"contains control token(s) {', '.join(typed)}")
         yield (d.beta > 0, ("data", "beta"), "must be positive")
         yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
 

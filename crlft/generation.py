@@ -2,9 +2,9 @@
 
 Prompts are rendered by the training renderer (``crlft.render``) with the template the export's chat template is
 made from, so text typed into a prompt stays text, as in training: ``<|end_of_turn|>`` in a message never becomes
-the control token. The export's chat template gives the same ids through
-``apply_chat_template(..., sanitize_control_tokens=True)`` (the round-trip tests check it); an export whose chat
-template is none of crlft's is rendered that way.
+the control token. The export's chat template keeps them text too through
+``apply_chat_template(..., sanitize_control_tokens=True)`` (the same ids except next to a typed control string); an
+export whose chat template is none of crlft's is rendered that way.
 """
 
 from __future__ import annotations

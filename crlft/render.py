@@ -306,7 +306,7 @@ def _condition_problem(condition: str, encoder: _Encoder) -> str | None:
     typed = list(dict.fromkeys(token for token in (*encoder.control_ids, *encoder.named_tokens) if token in condition))
     if not typed:
         return None
-    return f"condition {condition!r} contains the control token(s) {', '.join(typed)}"
+    return f"condition {condition!r} contains control token(s) {', '.join(typed)}"
 
 
 def _message_weight(message: Message, conversation_index: int, message_index: int, inference: bool) -> float:

@@ -136,5 +136,5 @@ def test_crlft_chat_and_eval_prompts_with_a_typed_end_of_turn(tiny_mistral_dir, 
 def test_crlft_chat_refuses_a_condition_holding_a_control_token(tiny_mistral_dir, capsys):
     assert cli_main(["chat", tiny_mistral_dir, "--prompt", "hi", "--condition", "GPT4<|end_of_turn|>"]) == 2
     err = capsys.readouterr().err
-    assert "condition 'GPT4<|end_of_turn|>' contains the control token(s) <|end_of_turn|>" in err
+    assert "condition 'GPT4<|end_of_turn|>' contains control token(s) <|end_of_turn|>" in err
     assert "Traceback" not in err

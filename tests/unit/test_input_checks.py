@@ -128,11 +128,11 @@ def test_condition_with_a_control_token_points_at_the_record_and_is_skipped(tmp_
     recipe = _recipe(tmp_path, openchat_tokenizer_dir, source)
     code, _, err = _prepare(capsys, recipe)
     assert code == 2
-    assert "src.jsonl:2 (record 1): condition 'GPT4<|end_of_turn|>' contains the control token(s) <|end_of_turn|>" \
+    assert "src.jsonl:2 (record 1): condition 'GPT4<|end_of_turn|>' contains control token(s) <|end_of_turn|>" \
         in err
     code, out, _ = _prepare(capsys, recipe, "data.sources.0.on_error=skip")
     assert code == 0
-    assert "src.jsonl:3 (record 2): condition 'Bad</s>' contains the control token(s) </s>" in out
+    assert "src.jsonl:3 (record 2): condition 'Bad</s>' contains control token(s) </s>" in out
     assert json.loads((tmp_path / "data" / "prepare_report.json").read_text())["total"]["dropped"] == {"error": 2}
 
 
@@ -140,7 +140,7 @@ def test_source_condition_with_a_control_token_is_a_recipe_error(tmp_path, capsy
     source = tmp_path / "src.jsonl"
     source.write_text(json.dumps(GOOD) + "\n")
     code, _, err = _prepare(capsys, _recipe(tmp_path, openchat_tokenizer_dir, source, condition="A<|end_of_turn|>"))
-    assert code == 2 and "recipe.yaml:5 (data.sources.0.condition): contains the control token(s) <|end_of_turn|>" \
+    assert code == 2 and "recipe.yaml:5 (data.sources.0.condition): contains control token(s) <|end_of_turn|>" \
         in err
 
 
