@@ -43,7 +43,8 @@ Number = Annotated[float, Strict(), BeforeValidator(_number)]
 Text = Annotated[str, Strict(), BeforeValidator(_text)]
 
 # Unknown keys are errors; the string under each field is its description (the README's recipe reference).
-SECTION_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+# Every number is finite: YAML reads .inf, .nan and 1e999 as floats, and an infinite lr or beta trains NaN.
+SECTION_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class _Section:
@@ -329,6 +330,11 @@ class Recipe:
         yield (bool(d.output_dir), ("data", "output_dir"), "is required")
         yield (len(d.sources) > 0, ("data", "sources"), "needs at least one source")
         yield from _source_rules(d.sources)
+        template = TEMPLATES.get(m.template)
+        live = template.control_tokens if template is not None and template.uses_condition else ()
+        for i, s in enumerate(d.sources):  # written into the role prefixes, where control tokens are live
+            typed = [t for t in live if t in s.condition]
+            yield (not typed, ("data", "sources", i, "condition"), f"contains control token(s) {', '.join(typed)}")
         yield (d.beta > 0, ("data", "beta"), "must be positive")
         yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
 
@@ -418,11 +424,15 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     if ds.config:
         with open(ds.config, encoding="utf-8") as f:
             try:
-                user = json.load(f)
+                user = json.load(f, parse_constant=lambda text: _not_finite(ds.config, text))
             except json.JSONDecodeError as e:
                 raise UserError(f"{ds.config}:{e.lineno}: invalid JSON: {e.msg}") from None
         config = _merge(config, user)
     return config
+
+
+def _not_finite(path: str, text: str):
+    raise UserError(f"{path}: {text} is not a finite number (JSON has no NaN or Infinity)")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

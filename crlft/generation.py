@@ -1,11 +1,16 @@
 """Talking to an exported model: ``crlft chat`` and the exact-match evaluation ``crlft eval``.
 
-Both go through the export's own chat template (``tokenizer.apply_chat_template``), so what they show is what a
-user of the exported directory gets, not a re-implementation of the training renderer.
+Prompts are rendered by the training renderer (``crlft.render``) with the template the export's chat template is
+made from, so text typed into a prompt stays text, as in training: ``<|end_of_turn|>`` in a message never becomes
+the control token. The export's chat template keeps them text too through
+``apply_chat_template(..., sanitize_control_tokens=True)`` (the same ids except next to a typed control string); an
+export whose chat template is none of crlft's is rendered that way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -17,8 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crlft.config import Recipe
+from crlft.conversation import Conversation, Message
 from crlft.errors import UserError
 from crlft.jsonl import JsonLineError, read_jsonl
+from crlft.render import condition_problem, render_batch
+from crlft.templates import TEMPLATES, Template
 
 
 def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
@@ -46,20 +54,56 @@ def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def export_template(tokenizer: Any) -> Template | None:
+    """The crlft template whose chat template the tokenizer carries, or None for a foreign one."""
+    return next((t for t in TEMPLATES.values() if t.chat_template == tokenizer.chat_template), None)
+
+
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], condition: str | None) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant's prefix, rendered by the export's chat template.
+    """Token ids of ``messages`` followed by the assistant's prefix; message text is tokenized as text.
 
     Args:
         tokenizer: The export's tokenizer.
         messages: ``[{"role": "system"|"user"|"assistant", "content": ...}, ...]``.
         condition: The class condition for templates that take one (OpenChat's); None uses the template's
-            inference condition.
+            inference condition, "" the plain prefixes.
+
+    Raises:
+        UserError: A condition holding a control token, or a role other than system, user and assistant.
     """
-    kwargs = {} if condition is None else {"condition": condition}
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    return batch_prompt_ids(tokenizer, [messages], condition)[0]
+
+
+def batch_prompt_ids(tokenizer: Any, conversations: list[list[dict[str, str]]], condition: str | None
+                     ) -> list[list[int]]:
+    """``prompt_ids`` of many conversations under one condition, with one tokenizer call (``render_batch``)."""
+    template = export_template(tokenizer)
+    if template is None:  # not made by crlft: its chat template, with typed control tokens kept as text
+        if "sanitize_control_tokens" not in inspect.signature(tokenizer.apply_chat_template).parameters:
+            raise UserError("this chat template is none of crlft's, and this transformers version cannot keep "
+                            "control tokens typed in a message as text (apply_chat_template's "
+                            "sanitize_control_tokens); upgrade transformers or export the model with crlft")
+        kwargs = {} if condition is None else {"condition": condition}
+        return [list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False, sanitize_control_tokens=True, **kwargs))
+                for messages in conversations]
+    if condition is not None:
+        # An empty condition in a generation prompt means the template's inference condition: the one asked for.
+        template = dataclasses.replace(template, inference_condition=condition)
+        problem = condition_problem(condition, template, tokenizer)
+        if problem:
+            raise UserError(problem)
+    return render_batch([_conversation(messages) for messages in conversations], template, tokenizer,
+                        add_generation_prompt=True)[0]
+
+
+def _conversation(messages: list[dict[str, str]]) -> Conversation:
+    system = [m["content"] for m in messages if m.get("role") == "system"]
+    turns = [m for m in messages if m.get("role") != "system"]
+    for m in turns:
+        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise UserError(f"a message must have role system, user or assistant and string content, got {m!r}")
+    return Conversation([Message(m["role"], m["content"]) for m in turns], system="\n\n".join(system))
 
 
 @torch.no_grad()
@@ -138,7 +182,7 @@ def evaluate_exact_match(model: Any, tokenizer: Any, records: list[dict[str, Any
     """
     results: dict[str, Any] = {}
     for condition in conditions:
-        all_ids = [prompt_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], condition) for r in records]
+        all_ids = batch_prompt_ids(tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in records], condition)
         completions: list[str] = []
         for start in range(0, len(all_ids), batch_size):
             completions += generate_batch(model, tokenizer, all_ids[start:start + batch_size], max_new_tokens)
@@ -243,8 +287,10 @@ def chat(model_dir: str, *, condition: str | None, system: str, prompt: str | No
 
 
 __all__ = [
+    "batch_prompt_ids",
     "chat",
     "evaluate_exact_match",
+    "export_template",
     "format_eval_table",
     "generate_batch",
     "load_export",

@@ -8,7 +8,7 @@ import tempfile
 from crlft.config import Recipe
 from crlft.errors import UserError
 from crlft.formats import read_source
-from crlft.prepare import generate_missing_sources, recipe_tokenizer, source_job
+from crlft.prepare import generate_missing_sources, readable_source, recipe_tokenizer, source_job
 from crlft.rows import process_batch
 
 
@@ -35,11 +35,13 @@ def inspect_rows(recipe: Recipe, num_conversations: int, source_name: str | None
     with tempfile.TemporaryDirectory(prefix="crlft-inspect-") as cache_dir:
         for source in sources:
             i = recipe.data.sources.index(source)
-            records = read_source(source, cache_dir=cache_dir, where=recipe.where("data", "sources", i, "path"))
+            job = source_job(recipe, source)  # before reading: it refuses files the reader would misread
+            records = read_source(readable_source(source, job, cache_dir), cache_dir=cache_dir,
+                                  where=recipe.where("data", "sources", i, "path"))
             n = min(per_source, len(records), source.max_samples or len(records))
             if n == 0:
                 continue
-            out = process_batch(records[:n], list(range(n)), source_job(recipe, source), tokenizer)
+            out = process_batch(records[:n], list(range(n)), job, tokenizer)
             rows.extend({k: out[k][r] for k in out} for r in range(n))
     return rows[:num_conversations]
 

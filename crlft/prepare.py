@@ -30,6 +30,7 @@ from crlft.formats import is_local_path, read_source, reward_to_weight
 from crlft.model import ensure_base_model
 from crlft.report import build_report, format_report
 from crlft.rows import STAT_COLUMNS, SourceJob, process_batch, record_locations, row_features
+from crlft.sourcescan import readable_copy, scan_json_source
 from crlft.templates import TEMPLATES
 from crlft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -85,6 +86,11 @@ def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
     cached = _TOKENIZER_CACHE.get(key)
     if cached is None:
         where = recipe.where("model", "tokenizer" if m.tokenizer else "base")
+        expanded = os.path.expanduser(name)
+        # A hub id is "name" or "org/name"; anything else that is not a directory is a local path that is missing
+        # (named as such, not as a malformed hub id).
+        if not os.path.isdir(expanded) and (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name):
+            raise UserError(f"{where}: directory not found: {expanded}")
         try:
             tokenizer = load_tokenizer(name, TEMPLATES[m.template])
         except (OSError, ValueError) as e:
@@ -195,10 +201,19 @@ def _default_num_proc() -> int:
 
 
 def source_job(recipe: Recipe, source: SourceConfig) -> SourceJob:
+    """What the map workers need to know about a source; a local JSON file's bytes are checked here first.
+
+    Raises:
+        UserError: An invalid UTF-8 byte or an empty file (``crlft.sourcescan``).
+    """
     d = recipe.data
+    path = os.path.expanduser(source.path)
+    bad_records: dict[int, str] = {}
+    if os.path.splitext(path)[1].lower() in (".json", ".jsonl") and os.path.isfile(path):
+        bad_records = scan_json_source(path, recipe.where("data", "sources", recipe.data.sources.index(source), "path"))
     return SourceJob(
         name=source.name,
-        path=os.path.expanduser(source.path),
+        path=path,
         format=source.format,
         condition=source.condition,
         assistant_weight=reward_to_weight(source.reward, d.reward_to_weight, d.beta),
@@ -206,7 +221,25 @@ def source_job(recipe: Recipe, source: SourceConfig) -> SourceJob:
         template=recipe.model.template,
         max_context=recipe.model.max_context,
         per_sequence_loss=d.per_sequence_loss,
+        bad_records=bad_records,
     )
+
+
+def readable_source(source: SourceConfig, job: SourceJob, work_dir: str) -> SourceConfig:
+    """The source to read: itself, or a copy in ``work_dir`` without the non-finite numbers the reader refuses.
+
+    Raises:
+        UserError: Records with non-finite numbers and ``on_error: raise`` (the first one located).
+    """
+    if not job.bad_records:
+        return source
+    if job.on_error == "raise":
+        first = min(job.bad_records)
+        more = len(job.bad_records) - 1
+        raise UserError(f"{record_locations(job.path, [first])[first]}: {job.bad_records[first]}"
+                        + (f" ({more} more such record(s))" if more else "")
+                        + f" (set on_error: skip on source {job.name!r} to skip such records and count them)")
+    return dataclasses.replace(source, path=readable_copy(job.path, os.path.join(work_dir, "finite")))
 
 
 def _map_source(records, job: SourceJob, tokenizer, num_proc: int, cache_file: str | None, fingerprint: str):
@@ -280,14 +313,14 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
         inputs_hash = hashlib.sha256(json.dumps(meta_inputs, sort_keys=True).encode()).hexdigest()[:16]
         for i, source in enumerate(recipe.data.sources):
             t0 = time.perf_counter()
-            records = read_source(source, cache_dir=os.path.join(work_dir, "cache"),
+            job = source_job(recipe, source)  # before reading: it refuses files the reader would misread
+            records = read_source(readable_source(source, job, work_dir), cache_dir=os.path.join(work_dir, "cache"),
                                   where=recipe.where("data", "sources", i, "path"))
             if source.max_samples is not None and source.max_samples < len(records):
                 records = records.select(range(source.max_samples))
             t1 = time.perf_counter()
             # Worker processes pay off only for sources of a few batches, unless asked for explicitly.
             source_num_proc = explicit_num_proc or min(_default_num_proc(), max(1, len(records) // MAP_BATCH_SIZE))
-            job = source_job(recipe, source)
             rows = _map_source(records, job, tokenizer, source_num_proc,
                                os.path.join(work_dir, f"rows-{i}.arrow"), f"{inputs_hash}-{i}")
             t2 = time.perf_counter()

@@ -46,8 +46,11 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     except FileNotFoundError:
         raise UserError(f"recipe not found: {path}") from None
     try:
-        raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.load(text, Loader=RecipeLoader) or {}
+        lines = _key_lines(yaml.compose(text, Loader=RecipeLoader))
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}:{e.second_line} ({e.key_path}): written twice (lines {e.first_line} and "
+                        f"{e.second_line}); YAML would silently keep the last value. Remove one of them") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -55,6 +58,61 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     for override in overrides:
         _apply_override(raw, override)
     return recipe_from_dict(raw, source_path=path, lines=lines)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that holds the same key twice; ``first_line`` and ``second_line`` are 1-based."""
+
+    def __init__(self, key_path: str, first_line: int, second_line: int):
+        super().__init__(f"{key_path}: duplicate key (lines {first_line} and {second_line})")
+        self.key_path, self.first_line, self.second_line = key_path, first_line, second_line
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key written twice in one mapping is an error, not the last one."""
+
+    def construct_document(self, node):
+        self._crlft_root = node  # for naming a duplicated key with its section
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(_dotted_key(self, node, key), seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _dotted_key(loader: RecipeLoader, node: yaml.MappingNode, key: Any) -> str:
+    """The duplicated key with the keys leading to its mapping, e.g. ``train.lr`` (found by walking the document)."""
+    root = getattr(loader, "_crlft_root", None)
+    path = _path_to(root, node) if root is not None else None
+    return ".".join(str(part) for part in (*(path or ()), key))
+
+
+def _path_to(root: yaml.Node, target: yaml.Node, prefix: tuple = ()) -> tuple | None:
+    if root is target:
+        return prefix
+    if isinstance(root, yaml.MappingNode):
+        for key_node, value_node in root.value:
+            found = _path_to(value_node, target, prefix + (key_node.value,))
+            if found is not None:
+                return found
+    elif isinstance(root, yaml.SequenceNode):
+        for i, item in enumerate(root.value):
+            found = _path_to(item, target, prefix + (i,))
+            if found is not None:
+                return found
+    return None
 
 
 def recipe_from_dict(raw: dict[str, Any], source_path: str | None = None, lines: dict | None = None) -> Recipe:
@@ -145,6 +203,9 @@ def _problems(error: ValidationError, section_type: type) -> list[tuple[tuple, s
         path, tp, parent = _walk(section_type, e["loc"])
         if parent is not None:
             message = _unknown_key(path[-1], [f.name for f in dataclasses.fields(parent)])
+        elif e["type"] == "finite_number":  # wins over the other members of a union (lr: number or 'auto')
+            problems[path] = f"must be a finite number, got {e['input']!r}"
+            continue
         else:
             message = _expected(tp, e["input"])
         problems.setdefault(path, message)

@@ -6,6 +6,7 @@ between a role prefix and the message text never depends on the text; typed cont
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -71,7 +72,11 @@ class _Encoder:
             )
         self.control_ids = {token: vocab[token] for token in template.control_tokens}
         self.bos_ids = [tokenizer.bos_token_id] if template.add_bos and tokenizer.bos_token_id is not None else []
-        self.named_tokens = tuple(str(token) for token in tokenizer.all_special_tokens)
+        # Every special token (eos `</s>` stays one after eos moved to the end-of-turn token): whole-string
+        # tokenization, as of the exported chat template, turns each into its control id.
+        self.named_tokens = tuple(dict.fromkeys([*(str(token) for token in tokenizer.all_special_tokens),
+                                                 *(t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if t.special)]))
         self._fixed_cache: dict[tuple[str, bool], tuple[list[int], bool]] = {}
 
     def encode_text(self, texts: list[str], continuation: bool) -> list[list[int]]:
@@ -124,6 +129,8 @@ def _encoder_for(tokenizer, template: Template) -> _Encoder:
     """The cached encoder of (tokenizer, template); rebuilt when tokens were added to the tokenizer since."""
     key = (id(tokenizer), template.name, len(tokenizer))
     cached = _ENCODER_CACHE.get(key)
+    # The inference condition does not change how pieces are encoded (chat and eval vary it per call).
+    template = dataclasses.replace(template, inference_condition="")
     # the cache holds the tokenizer, so its id cannot be reused by another object while cached
     if cached is not None and cached[0] is tokenizer and cached[1].template == template:
         return cached[1]
@@ -216,11 +223,9 @@ def render_batch(
         if add_generation_prompt and not condition:
             condition = template.inference_condition
         if condition and template.uses_condition and condition not in checked_conditions:
-            # the condition is written into the role prefixes, where control tokens are live: refuse them
-            typed = [token for token in (*encoder.control_ids, *encoder.named_tokens) if token in condition]
-            if typed:
-                raise ValueError(f"conversation {conversation_index}: condition {condition!r} contains control "
-                                 f"tokens {typed}")
+            problem = _condition_problem(condition, encoder)
+            if problem:
+                raise ValueError(f"conversation {conversation_index}: {problem}")
             checked_conditions.add(condition)
         plan = []
         previous_plain = False  # whether the text before the next piece ends with plain text
@@ -283,6 +288,25 @@ def render_batch(
         all_ids.append(ids)
         all_weights.append(weights)
     return all_ids, all_weights
+
+
+def condition_problem(condition: str, template: str | Template, tokenizer) -> str | None:
+    """What makes a condition unusable with a template and tokenizer, or None when it is usable.
+
+    The condition is written into the role prefixes, where control tokens are live: one typed inside it (the
+    template's, or a named token of the tokenizer such as ``</s>``) would become a control id, so it is refused.
+    """
+    template = get_template(template)
+    if not condition or not template.uses_condition:
+        return None
+    return _condition_problem(condition, _encoder_for(tokenizer, template))
+
+
+def _condition_problem(condition: str, encoder: _Encoder) -> str | None:
+    typed = list(dict.fromkeys(token for token in (*encoder.control_ids, *encoder.named_tokens) if token in condition))
+    if not typed:
+        return None
+    return f"condition {condition!r} contains control token(s) {', '.join(typed)}"
 
 
 def _message_weight(message: Message, conversation_index: int, message_index: int, inference: bool) -> float:

@@ -14,7 +14,7 @@ import datasets
 from crlft.conversation import Conversation
 from crlft.errors import UserError
 from crlft.formats import FORMATS, RecordError
-from crlft.render import render_batch
+from crlft.render import condition_problem, render_batch
 from crlft.templates import TEMPLATES
 
 # Conversations per render_batch call inside a map batch. Measured: the tokenizer needs about 30% less CPU per
@@ -35,6 +35,8 @@ class SourceJob:
     template: str
     max_context: int
     per_sequence_loss: bool
+    # Records the byte scan refused before the reader could change them (``crlft.sourcescan``): index → problem.
+    bad_records: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 # The prepared dataset's columns, and the per-row statistics the report is computed from (not saved).
@@ -70,16 +72,27 @@ def process_batch(batch: dict[str, list], indices: list[int], job: SourceJob, to
     computed from these columns, then the dropped rows are filtered out).
     """
     convert = FORMATS[job.format]
+    problem = condition_problem(job.condition, job.template, tokenizer)
+    if problem:
+        raise UserError(f"source {job.name!r}: {problem} (data.sources[].condition)")
     keys = list(batch)
     num_records = len(indices)
     out: dict[str, list] = {name: [] for name in (*ROW_COLUMNS, *STAT_COLUMNS)}
     to_render: list[Conversation] = []
     render_rows: list[int] = []
+    good_conditions: set[str] = set()
     for row, (index, values) in enumerate(zip(indices, zip(*(batch[k] for k in keys)))):
         drop, error, trailing_user, consecutive, user_weight_ignored = "", "", 0, 0, 0
         conversation = None
         try:
+            if index in job.bad_records:
+                raise RecordError(job.bad_records[index])
             conversation = convert(dict(zip(keys, values)))
+            if conversation.condition and conversation.condition not in good_conditions:
+                problem = condition_problem(conversation.condition, job.template, tokenizer)
+                if problem:
+                    raise RecordError(problem)
+                good_conditions.add(conversation.condition)
         except RecordError as e:
             if job.on_error == "raise":
                 raise UserError(

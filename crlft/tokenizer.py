@@ -302,6 +302,9 @@ def save_tokenizer(tokenizer, template: str | Template, out_dir: str) -> None:
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # What apply_chat_template(..., sanitize_control_tokens=True) encodes as text when typed in a message: every
+    # token the template writes as a control token (README, "Chat template and typed control tokens").
+    config["chat_control_tokens"] = list(template.control_tokens)
     with open(config_path, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, ensure_ascii=False)
     generation_config = {

@@ -30,11 +30,10 @@ from crlft.loss import WeightedLossModel, global_denominator, loss_scale_for_bac
 from crlft.metrics import SUM_FIELDS, per_condition_sums, step_metrics
 from crlft.model import ensure_base_model, load_model
 from crlft.plan import dataset_token_counts, resolve_lr, supervised_tokens_per_step
-from crlft.prepare import load_prepared
+from crlft.prepare import load_prepared, recipe_tokenizer
 from crlft.runlog import METRICS_FILE, RunLog, start_wandb, truncate_metrics
 from crlft.schedule import build_optimizer, lr_scheduler_factory, num_warmup_steps
 from crlft.templates import TEMPLATES, Template
-from crlft.tokenizer import load_tokenizer
 
 logger = logging.getLogger("crlft.trainer")
 
@@ -196,7 +195,7 @@ def set_up(recipe: Recipe) -> Run:
     torch.manual_seed(t.seed)
 
     template = TEMPLATES[m.template]
-    tokenizer = load_tokenizer(m.tokenizer or m.base, template)
+    tokenizer = recipe_tokenizer(recipe)  # a missing base or tokenizer is a located error
     dataset = load_prepared(recipe)
     conditions = sorted(set(dataset.unique("condition"))) if "condition" in dataset.column_names else [""]
     loader = PackedLoader(
