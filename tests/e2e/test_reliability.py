@@ -177,5 +177,6 @@ def test_a_pickle_payload_in_a_deepspeed_shard_is_refused_on_resume_and_export(z
     err = capsys.readouterr().err
     assert code == 2
     assert f"train.resume: {newest} is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt: refused" in err, err
-    assert f"The newest intact checkpoint beside it is {os.path.join(ckpt.checkpoints_dir(out), 'step_00000012')}" in err
+    intact = os.path.join(ckpt.checkpoints_dir(out), "step_00000012")
+    assert f"The newest intact checkpoint beside it is {intact}" in err
     assert not ran.exists() and not (tmp_path / "exported").exists()

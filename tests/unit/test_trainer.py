@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from crlft import checkpoint as ckpt
-from crlft import manifest
-from crlft import runlog, schedule, trainer
+from crlft import manifest, runlog, schedule, trainer
 from crlft.errors import UserError
 
 # --------------------------------------------------------------------------------------------------------------
