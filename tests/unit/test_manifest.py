@@ -228,3 +228,45 @@ def test_a_full_disk_during_a_save_names_the_path_and_the_last_good_checkpoint(s
 def test_disk_full_is_recognised_from_torchs_writer_message(tmp_path):
     assert manifest.is_disk_full(OSError(28, "No space left on device"), str(tmp_path))
     assert not manifest.is_disk_full(RuntimeError("unexpected pos 576 vs 534"), str(tmp_path))  # this disk has room
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exports are checked for non-finite weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stage0_checkpoint(tmp_path, poison: bool) -> str:
+    """A ZeRO stage-0 checkpoint of a tiny Mistral (module weights in mp_rank_00_model_states.pt)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    if poison:
+        state["model.model.norm.weight"][1] = float("nan")
+    path = os.path.join(ckpt.checkpoints_dir(str(tmp_path)), "step_00000003")
+    os.makedirs(path)
+    model.config.save_pretrained(os.path.join(path, "hf"))
+    torch.save({"module": state}, os.path.join(path, "mp_rank_00_model_states.pt"))
+    ckpt.write_json(os.path.join(path, "trainer_state.json"), {"version": ckpt.TRAINER_STATE_VERSION, "step": 3,
+                                                               "zero_stage": 0, "dtype": "float32",
+                                                               "param_prefix": "model."})
+    ckpt.write_json(os.path.join(path, "COMPLETE"), {"step": 3, **manifest.build_manifest(path)})
+    return path
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_an_export_with_nonfinite_weights_is_refused_before_it_is_written(tmp_path, poison):
+    from crlft.export import export_checkpoint
+
+    path = _stage0_checkpoint(tmp_path, poison)
+    out = str(tmp_path / "export")
+    if not poison:
+        export_checkpoint(path, out, log=lambda _: None)
+        assert os.path.isfile(os.path.join(out, "model.safetensors"))
+        return
+    with pytest.raises(UserError, match=r"1 weight tensor\(s\) hold NaN or infinity \(model.norm.weight\); nothing "
+                                        r"exported"):
+        export_checkpoint(path, out, log=lambda _: None)
+    assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
