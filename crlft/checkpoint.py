@@ -4,9 +4,9 @@ Layout of a run directory (``train.output_dir``)::
 
     metrics.jsonl                       one JSON line per optimizer step
     checkpoints/step_00000040/          one complete checkpoint
-        COMPLETE                        written last; a directory without it is never resumed from
+        COMPLETE                        written last: the manifest (size and hash of every file, ``crlft.manifest``)
         trainer_state.json              step, loader position, resume fingerprint, resolved recipe, lr, ...
-        rng_state_rank{R}.pt            per-rank Python / numpy / torch RNG states
+        rng_state_rank{R}.json          per-rank Python / numpy / torch RNG states
         hf/                             config.json, generation_config.json, tokenizer (with chat_template)
         mp_rank_00_model_states.pt      DeepSpeed: module weights (or ZeRO-3 shard metadata), scheduler, ...
         *_optim_states.pt               DeepSpeed: one ZeRO shard of the optimizer (fp32 master weights, moments)
@@ -17,27 +17,32 @@ Why a crash at any moment leaves a resumable run is in ``docs/design.md`` ("Chec
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
-import random
 import re
 import shutil
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from crlft import manifest
 from crlft.config import Recipe
 from crlft.errors import UserError
 from crlft.prepare import META_FILE
+from crlft.rng import read_rng_file, rng_file, rng_state, rng_state_to_json, set_rng_state
+
+logger = logging.getLogger("crlft.checkpoint")
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = manifest.COMPLETE_MARKER
+DAMAGED_SUFFIX = ".damaged"
 TRAINER_STATE_FILE = "trainer_state.json"
 HF_FILES_DIR = "hf"
 EXPORT_INFO_FILE = "crlft_export.json"
@@ -70,7 +75,11 @@ def is_complete(path: str) -> bool:
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """The complete checkpoints of a run, oldest first, as ``(step, path)``; ``.tmp`` and unmarked dirs are skipped."""
-    root = checkpoints_dir(output_dir)
+    return _complete_in(checkpoints_dir(output_dir))
+
+
+def _complete_in(root: str) -> list[tuple[int, str]]:
+    """The complete ``step_N`` directories in ``root``, oldest first."""
     if not os.path.isdir(root):
         return []
     found = []
@@ -89,10 +98,10 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def resolve_resume(resume: str, output_dir: str, where: str = "train.resume") -> str | None:
-    """Which checkpoint ``train.resume`` asks for.
+    """Which checkpoint ``train.resume`` asks for, verified against its manifest; every rank calls it.
 
     Args:
-        resume: ``auto`` (the newest complete checkpoint of ``output_dir``, if any), ``off``, or a checkpoint path.
+        resume: ``auto`` (the newest intact checkpoint of ``output_dir``, if any), ``off``, or a checkpoint path.
         output_dir: the run directory.
         where: the recipe location, for error messages.
 
@@ -100,11 +109,12 @@ def resolve_resume(resume: str, output_dir: str, where: str = "train.resume") ->
         The checkpoint directory, or None to start from the base model.
 
     Raises:
-        UserError: a path that is not a complete checkpoint; ``off`` in a run directory that already holds
+        UserError: a path that is not a complete checkpoint, or a damaged one (naming the newest intact one
+            beside it); ``auto`` where every checkpoint is damaged; ``off`` in a run directory that already holds
             checkpoints (they would be mixed with the new run's and pruned by ``keep_last``).
     """
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return _newest_intact(output_dir)
     if resume == "off":
         existing = list_checkpoints(output_dir)
         if existing:
@@ -119,6 +129,14 @@ def resolve_resume(resume: str, output_dir: str, where: str = "train.resume") ->
     if not is_complete(path):
         raise UserError(f"{where}: {path} is not a complete crlft checkpoint "
                         f"(a step_N directory with {COMPLETE_MARKER})")
+    problems = verify_checkpoint(path)
+    if problems:
+        intact = _newest_intact_of(os.path.dirname(os.path.normpath(path)), before=path)
+        raise UserError(
+            f"{where}: {path} is damaged: {manifest.describe(problems)}. "
+            + (f"The newest intact checkpoint beside it is {intact}; resume from that one (move the damaged one "
+               "away for train.resume=auto)." if intact else "No intact checkpoint is beside it.")
+        )
     newest = latest_checkpoint(output_dir)
     if newest is not None and os.path.realpath(newest) != os.path.realpath(path):
         # Continuing elsewhere than the newest checkpoint here would mix two timelines in one run directory (and
@@ -128,6 +146,49 @@ def resolve_resume(resume: str, output_dir: str, where: str = "train.resume") ->
             "another checkpoint into a new train.output_dir, or move the newer checkpoints away"
         )
     return path
+
+
+def verify_checkpoint(checkpoint: str) -> list[str]:
+    """What is wrong with a checkpoint (manifest, hashes, pickles; every rank checks a share); empty if intact."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    if rank == 0 and not manifest.has_manifest(manifest.read_marker(checkpoint)):
+        logger.warning(f"{checkpoint}: written without a manifest (crlft 0.1); its files are not verified, only "
+                       "scanned for pickles that could run code")
+    return manifest.gather_problems(manifest.find_problems(checkpoint, rank=rank, world_size=world_size))
+
+
+def _newest_intact(output_dir: str) -> str | None:
+    """``train.resume: auto``: the newest checkpoint that verifies; damaged newer ones are reported and renamed
+    ``step_N.damaged`` (kept for inspection, never resumed or counted by ``keep_last``)."""
+    found = list_checkpoints(output_dir)
+    damaged = []
+    for _step, path in reversed(found):
+        problems = verify_checkpoint(path)
+        if not problems:
+            if damaged:
+                logger.warning(f"resuming from {path}, the newest intact checkpoint")
+            return path
+        damaged.append(path)
+        is_rank_zero = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if is_rank_zero:
+            logger.warning(f"{path} is damaged, skipping it: {manifest.describe(problems)}; renamed to "
+                           f"{os.path.basename(path)}{DAMAGED_SUFFIX} (delete it once you no longer need it)")
+            os.replace(path, path + DAMAGED_SUFFIX)
+    if damaged:
+        raise UserError(f"{checkpoints_dir(output_dir)}: every checkpoint is damaged ({', '.join(damaged)}, renamed "
+                        f"*{DAMAGED_SUFFIX}); nothing to resume from. Start a new run with train.resume=off in "
+                        "another train.output_dir, or restore the files")
+    return None
+
+
+def _newest_intact_of(root: str, before: str) -> str | None:
+    """The newest checkpoint in ``root`` older than ``before`` that verifies (nothing is renamed)."""
+    limit = _STEP_DIR.match(os.path.basename(os.path.normpath(before)))
+    for step, path in reversed(_complete_in(root)):
+        if (limit is None or step < int(limit.group(1))) and not verify_checkpoint(path):
+            return path
+    return None
 
 
 def read_trainer_state(checkpoint: str) -> dict[str, Any]:
@@ -177,34 +238,6 @@ def check_resume_fingerprint(saved: dict[str, Any], current: dict[str, Any], che
             + "\n  ".join(changed)
             + "\nRestore those settings, or start a new run in another train.output_dir."
         )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# RNG
-# --------------------------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's Python, numpy and torch (CPU and CUDA) RNG states."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states from :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _rng_file(checkpoint: str, rank: int) -> str:
-    return os.path.join(checkpoint, f"rng_state_rank{rank}.pt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,27 +313,60 @@ def save_checkpoint(
     name = step_dir_name(step)
     final = os.path.join(root, name)
     tmp = final + ".tmp"
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
     barrier()
-    engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
-    torch.save(rng_state(), _rng_file(tmp, rank))
-    if rank == 0:
-        hf_files(os.path.join(tmp, HF_FILES_DIR))
-        write_json(os.path.join(tmp, TRAINER_STATE_FILE), {"version": TRAINER_STATE_VERSION, **trainer_state})
+    with _disk_full_reported(tmp, output_dir):
+        engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
+        write_json(rng_file(tmp, rank), rng_state_to_json(rng_state()))
+        if rank == 0:
+            hf_files(os.path.join(tmp, HF_FILES_DIR))
+            write_json(os.path.join(tmp, TRAINER_STATE_FILE), {"version": TRAINER_STATE_VERSION, **trainer_state})
     barrier()  # every rank's shard and RNG file is written
+    with _disk_full_reported(tmp, output_dir):
+        manifest.write_partial_manifest(tmp, rank, world_size)  # fsync everything, hash this rank's share
+    barrier()
     if rank == 0:
-        write_json(os.path.join(tmp, COMPLETE_MARKER), {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        with _disk_full_reported(tmp, output_dir):
+            marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest.build_manifest(tmp)}
+            write_json(os.path.join(tmp, COMPLETE_MARKER), marker)
         if os.path.isdir(final):  # a step re-done after resuming from an older checkpoint path
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        older = [path for s, path in list_checkpoints(output_dir) if s < step]
-        for old in older[: max(len(older) - (keep_last - 1), 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(output_dir, step, keep_last)
     barrier()
     return final
+
+
+def _prune(output_dir: str, step: int, keep_last: int) -> None:
+    """Keep the newest ``keep_last - 1`` older checkpoints that pass the quick check (files present, sizes as in
+    the manifest) besides the new one; delete every checkpoint older than the oldest kept."""
+    older = [(s, path) for s, path in list_checkpoints(output_dir) if s < step]
+    intact = [s for s, path in older if not manifest.find_problems(path, deep=False)]
+    kept = intact[len(intact) - (keep_last - 1):] if keep_last > 1 else []
+    oldest_kept = kept[0] if kept else step
+    for s, path in older:
+        if s < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _disk_full_reported(path: str, output_dir: str):
+    """Turn a full disk while writing under ``path`` into a UserError naming it and the last good checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not manifest.is_disk_full(e, os.path.dirname(path)):
+            raise
+        last = latest_checkpoint(output_dir)
+        raise UserError(
+            f"no space left on device at {path} while saving a checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+            + (f"The last good checkpoint is {last}." if last else "No earlier checkpoint exists.")
+            + f" Free space (the partial {os.path.basename(path)} can be deleted) and run again."
+        ) from None
 
 
 def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
@@ -317,9 +383,9 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
-    rng_file = _rng_file(checkpoint, rank)
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    rng = read_rng_file(checkpoint, rank)
+    if rng is not None:
+        set_rng_state(rng)
     return state
 
 
@@ -387,6 +453,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
 
 
 __all__ = [
+    "DAMAGED_SUFFIX",
     "data_fingerprint",
     "resume_fingerprint",
     "CHECKPOINTS_DIR",
@@ -406,4 +473,5 @@ __all__ = [
     "save_hf_files",
     "set_rng_state",
     "step_dir_name",
+    "verify_checkpoint",
 ]

@@ -221,6 +221,9 @@ class TrainConfig(_Section):
     pad_to_multiple_of: Int | None = 64
     """Pad each packed row to a multiple of this many tokens (zero weight) for kernel-friendly shapes."""
 
+    nonfinite_skips: Int = 0
+    """Steps with a non-finite loss or gradient norm to skip (no update) before the run stops; 0: stop at the first."""
+
 
 @section(config=SECTION_CONFIG)
 class DeepSpeedSection(_Section):
@@ -354,6 +357,7 @@ class Recipe:
         yield (t.max_steps is None or t.max_steps >= 1, ("train", "max_steps"), "must be ≥ 1")
         yield (t.save_every_steps is None or t.save_every_steps >= 1, ("train", "save_every_steps"), "must be ≥ 1")
         yield (t.keep_last >= 1, ("train", "keep_last"), "must be ≥ 1")
+        yield (t.nonfinite_skips >= 0, ("train", "nonfinite_skips"), "must be ≥ 0")
         yield (t.pad_to_multiple_of is None or t.pad_to_multiple_of >= 1, ("train", "pad_to_multiple_of"),
                "must be ≥ 1")
 

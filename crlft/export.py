@@ -24,6 +24,7 @@ from crlft.checkpoint import (
     write_json,
 )
 from crlft.errors import UserError
+from crlft.manifest import describe, find_problems, load_weights_only
 from crlft.model import DTYPES
 
 
@@ -51,8 +52,7 @@ def consolidated_state_dict(checkpoint: str, dtype: torch.dtype) -> dict[str, to
             shared[id(lazy_tensor)] = key
             tensors[key] = lazy_tensor.contiguous().to(dtype)
         return tensors
-    module = torch.load(os.path.join(checkpoint, "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
+    module = load_weights_only(os.path.join(checkpoint, "mp_rank_00_model_states.pt"))["module"]
     return {(k[len(prefix):] if k.startswith(prefix) else k): v.to(dtype) for k, v in module.items()}
 
 
@@ -74,10 +74,14 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
         ``out_dir``.
 
     Raises:
-        UserError: not a complete crlft checkpoint, or an unknown dtype.
+        UserError: not a complete crlft checkpoint, a damaged one (manifest, or a pickle that could run code:
+            refused before anything is loaded), non-finite weights, or an unknown dtype.
     """
     if not is_complete(checkpoint):
         raise UserError(f"{checkpoint}: not a complete crlft checkpoint (a step_N directory with {COMPLETE_MARKER})")
+    problems = find_problems(checkpoint)  # before zero_to_fp32, which loads with weights_only=False
+    if problems:
+        raise UserError(f"{checkpoint} is damaged, not exported: {describe(problems)}")
     state = read_trainer_state(checkpoint)
     dtype_name = dtype or state.get("dtype", "bfloat16")
     if dtype_name not in DTYPES:
@@ -87,6 +91,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
     hf_dir = os.path.join(checkpoint, HF_FILES_DIR)
     tensors = consolidated_state_dict(checkpoint, torch_dtype)
     num_params = sum(t.numel() for t in {id(t): t for t in tensors.values()}.values())
+    nonfinite = sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise UserError(f"{checkpoint}: {len(nonfinite)} weight tensor(s) hold NaN or infinity "
+                        f"({', '.join(nonfinite[:5])}); nothing exported to {out_dir}")
 
     out_dir = os.path.normpath(out_dir)
     tmp = out_dir + ".tmp"

@@ -25,6 +25,7 @@ from crlft.collate import flash_attention_kwargs
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
 from crlft.export import export_checkpoint, link_or_copy_tree
+from crlft.guard import NonFiniteGuard, check_state_finite, discard_if_not_finite, nothing_written
 from crlft.loader import PackedLoader, PackedStep
 from crlft.loss import WeightedLossModel, global_denominator, loss_scale_for_backward, num_chunks_for
 from crlft.metrics import SUM_FIELDS, per_condition_sums, step_metrics
@@ -83,13 +84,16 @@ def train_step(
                  for key in ("input_ids", "position_ids", "labels", "loss_weights")}
         # The precomputed segment boundaries; flash-attention and crlft_varlen read them, sdpa/eager ignore them.
         parts = engine(batch, **flash_attention_kwargs(row, device))
-        engine.backward(parts.weighted_ce_sum * scale)
+        sums += per_condition_sums(parts, row["cu_seqlens"], row["segment_conditions"], conditions)
+        loss = parts.weighted_ce_sum * scale
         is_last = k == grad_accum - 1
+        if is_last:
+            torch.distributed.all_reduce(sums)  # the one collective of our own per step, before the update
+            loss = discard_if_not_finite(loss, sums)  # a non-finite step's update is dropped (crlft.guard)
+        engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() != is_last:
             raise AssertionError("DeepSpeed's accumulation boundary does not match the loader's micro-batches")
         engine.step()
-        sums += per_condition_sums(parts, row["cu_seqlens"], row["segment_conditions"], conditions)
-    torch.distributed.all_reduce(sums)  # the one collective of our own per step
     metrics = step_metrics(sums, conditions, denominator)
     metrics["lr"] = lr
     grad_norm = engine.get_global_grad_norm()
@@ -134,6 +138,7 @@ class Run:
     total_steps: int
     planned_steps: int
     progress: Progress
+    guard: NonFiniteGuard
 
     def reached_max_steps(self) -> bool:
         """Whether ``train.max_steps`` is set and reached."""
@@ -169,6 +174,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             metrics = train_step(run.engine, step, world_size=run.dist.world_size, grad_accum=recipe.train.grad_accum,
                                  loss_normalization=recipe.train.loss_normalization, conditions=run.conditions,
                                  device=run.dist.device)
+            if run.guard.check_step(run.progress.step + 1, metrics["loss"], metrics.get("grad_norm"),
+                                    run.engine.was_step_applied(), run.progress.last_checkpoint):
+                metrics["skipped"] = 1.0  # a non-finite step, its update dropped (crlft.guard)
             log.step(advance(run.progress, step, metrics, time.perf_counter() - started))
             checkpoint_and_export(run, step)
             if run.reached_max_steps():
@@ -224,7 +232,7 @@ def set_up(recipe: Recipe) -> Run:
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
                loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=resume_from, lr=lr,
                total_steps=total_steps, planned_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
-               progress=Progress(last_checkpoint=resume_from))
+               progress=Progress(last_checkpoint=resume_from), guard=NonFiniteGuard(t.nonfinite_skips))
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -255,6 +263,10 @@ def maybe_resume(run: Run) -> None:
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
         progress.wandb_run_id = saved.get("wandb_run_id")
+        run.guard.skipped_steps = list(saved.get("nonfinite_skipped_steps", []))
+        check_state_finite(run.engine, f"loaded from {run.resume_from}",
+                           "it was written from a damaged state (or damaged before its manifest was written); move "
+                           "it away and run again to resume from the checkpoint before it")
         logger.info(f"resumed from {run.resume_from} (step {progress.step}, epoch {saved['loader']['epoch']})")
     if run.dist.rank == 0:
         dropped = truncate_metrics(os.path.join(run.recipe.train.output_dir, METRICS_FILE), progress.step)
@@ -304,6 +316,9 @@ def checkpoint_and_export(run: Run, step: PackedStep) -> None:
     epoch_end = step.step_in_epoch + 1 == step.steps_per_epoch
     periodic = bool(t.save_every_steps and progress.step % t.save_every_steps == 0)
     if epoch_end or run.reached_max_steps() or periodic:
+        check_state_finite(run.engine, f"after step {progress.step}",
+                           f"stopping before the checkpoint of step {progress.step}: "
+                           + nothing_written(progress.last_checkpoint))
         progress.last_checkpoint = ckpt.save_checkpoint(
             run.engine, t.output_dir, progress.step, _trainer_state(run, _epoch_progress(step)),
             hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d,
@@ -351,6 +366,7 @@ def _trainer_state(run: Run, epoch_progress: float) -> dict[str, Any]:
         "template": m.template,
         "param_prefix": "model.",  # WeightedLossModel holds the Hugging Face model as .model
         "recipe": run.recipe.to_dict(),
+        "nonfinite_skipped_steps": run.guard.skipped_steps,
         **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id is not None else {}),
     }
 

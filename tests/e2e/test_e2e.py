@@ -115,7 +115,7 @@ def test_checkpoints_are_complete_and_pruned(run):
     assert [s for s, _ in kept][-1] == steps[-1]
     assert len(kept) == 2  # keep_last
     names = sorted(os.listdir(kept[-1][1]))
-    for expected in ("COMPLETE", "trainer_state.json", "rng_state_rank0.pt", "rng_state_rank1.pt", "hf"):
+    for expected in ("COMPLETE", "trainer_state.json", "rng_state_rank0.json", "rng_state_rank1.json", "hf"):
         assert expected in names
     assert any(name.endswith("model_states.pt") for name in names)
     assert sum(name.endswith("_optim_states.pt") for name in names) == 2  # one ZeRO shard per rank

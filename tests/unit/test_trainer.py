@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crlft import checkpoint as ckpt
-from crlft import runlog, schedule, trainer
+from crlft import manifest, runlog, schedule, trainer
 from crlft.errors import UserError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _fake_checkpoint(output_dir, step, complete=True, suffix=""):
     with open(os.path.join(path, ckpt.TRAINER_STATE_FILE), "w") as f:
         json.dump({"version": ckpt.TRAINER_STATE_VERSION, "step": step, "fingerprint": {}}, f)
     if complete:
-        open(os.path.join(path, ckpt.COMPLETE_MARKER), "w").close()
+        ckpt.write_json(os.path.join(path, ckpt.COMPLETE_MARKER), {"step": step, **manifest.build_manifest(path)})
     return path
 
 
@@ -164,7 +164,7 @@ def test_save_checkpoint_renames_marks_and_keeps_the_last(tmp_path):
                                     rank=0, barrier=lambda: None)
     assert path == os.path.join(ckpt.checkpoints_dir(out), "step_00000003")
     assert sorted(os.listdir(ckpt.checkpoints_dir(out))) == ["step_00000002", "step_00000003"]
-    assert sorted(os.listdir(path)) == ["COMPLETE", "hf", "mp_rank_00_model_states.pt", "rng_state_rank0.pt",
+    assert sorted(os.listdir(path)) == ["COMPLETE", "hf", "mp_rank_00_model_states.pt", "rng_state_rank0.json",
                                         "trainer_state.json"]
     assert ckpt.read_trainer_state(path) == {"version": ckpt.TRAINER_STATE_VERSION, "step": 3}
 
