@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crlft.config import Recipe
 from crlft.errors import UserError
 from crlft.jsonl import JsonLineError, read_jsonl
+from crlft.runlog import log_eval_to_wandb
 
 
 def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
@@ -199,7 +200,18 @@ def run_eval(recipe: Recipe, model_dir: str | None = None) -> str:
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump({"model": model_dir, "prompts": e.prompts, "results": results}, f, indent=2)
     print(f"written: {out_path}")
+    wandb_id = log_eval_to_wandb(recipe, model_dir, results, _export_step(model_dir))
+    if wandb_id is not None:
+        print(f"logged to wandb run {wandb_id}")
     return out_path
+
+
+def _export_step(model_dir: str) -> int | None:
+    try:
+        with open(os.path.join(model_dir, "crlft_export.json"), encoding="utf-8") as f:
+            return json.load(f).get("step")
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,7 +239,8 @@ def chat(model_dir: str, *, condition: str | None, system: str, prompt: str | No
         return
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"crlft chat with {model_dir} (condition {condition!r}); /reset, /exit", file=sys.stderr)
+        shown = "the export's default condition" if condition is None else f"condition {condition!r}"
+        print(f"crlft chat with {model_dir} ({shown}); /reset, /exit", file=sys.stderr)
     while True:
         try:
             text = input("you> " if interactive else "")
