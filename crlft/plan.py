@@ -373,8 +373,11 @@ def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) ->
             f"supervised ({ratio:.1%})",
             f"  steps per epoch: {data.steps_per_epoch:,} (packing plan of epoch 0: {num_gpus} GPU(s) x "
             f"{t.grad_accum} micro-batch(es) x {t.batch_max_len:,} tokens per step)",
-            f"  run: {data.length.describe()}",
-            f"  total steps: {data.total_steps:,}",
+            f"  total steps: {data.total_steps:,} over {data.length.epochs} epoch(s) ({data.length.source}); the "
+            f"learning-rate schedule spans {data.length.schedule_steps:,} steps, {data.length.warmup_steps:,} of "
+            "them warm-up"
+            + (" (train.stop_after_steps stops the run before the schedule ends)"
+               if data.length.stop_at < data.length.schedule_steps else ""),
         ]
         warning = few_steps_warning(data.length)
         if warning:
