@@ -62,8 +62,10 @@ PYTHON="$(crlft_python)"
 # How many ranks the launcher will start, when this script can tell (the resume check compares it with the
 # checkpoint's); empty when --include/--exclude/--num_nodes or a GPU hostfile leave it to the launcher.
 world_size=""
-cuda_devices="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' \
-    2>/dev/null || echo 0)"
+# One Python start-up (torch takes seconds to import) for the CUDA devices and a free rendezvous port.
+read -r cuda_devices port < <("$PYTHON" -c 'import torch
+from crlft.dist import free_port
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0, free_port())' 2>/dev/null || echo "0 29500")
 case " ${launcher_args[*]-} " in
     *" --include"*|*" -i "*|*" --exclude"*|*" -e "*|*" --num_nodes"*) chosen_by_launcher=yes ;;
     *) chosen_by_launcher=no ;;
@@ -119,16 +121,15 @@ fi
 # (a benchmark next to a demo, two users) do not collide at rendezvous.
 case " ${launcher_args[*]-} " in
     *" --master_port"*|*" -H "*|*" --hostfile"*|*" --num_nodes"*) ;;
-    *) launcher_args+=(--master_port "$("$PYTHON" -c 'from crlft.dist import free_port; print(free_port())' 2>/dev/null)") ;;
+    *) launcher_args+=(--master_port "$port") ;;
 esac
 
-"$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
-
-# Before any rank starts: a run that is already complete says so and ends here (exit 0); a resume the recipe cannot
-# do is refused once, here, not by every rank after minutes of start-up.
+# `crlft prepare` (skipped when the dataset is up to date), then, before any rank starts: a run that is already
+# complete says so and ends here (exit 0); a resume the recipe cannot do is refused once, here, not by every rank
+# after minutes of start-up. One process for both.
 preflight=0
-"$PYTHON" -m crlft preflight "$recipe" ${world_size:+--num_gpus "$world_size"} ${overrides[@]+"${overrides[@]}"} \
-    || preflight=$?
+"$PYTHON" -m crlft preflight --prepare "$recipe" ${world_size:+--num_gpus "$world_size"} \
+    ${overrides[@]+"${overrides[@]}"} || preflight=$?
 case "$preflight" in
     0) ;;
     10) exit 0 ;;

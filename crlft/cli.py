@@ -116,10 +116,18 @@ def preflight_main(argv: list[str]) -> int:
                             "recipe cannot do, and say when the run is already complete. Exit status 0: start "
                             "training; 10: complete; 11: complete, only crlft eval left; 2: refused.")
     _num_gpus_option(parser, "the ranks the launcher will start; unset: the checkpoint's rank count is not checked")
+    parser.add_argument("--prepare", action="store_true",
+                        help="run crlft prepare first, in the same process (one start-up less for launch.sh)")
     args = parser.parse_intermixed_args(argv)
     from crlft.preflight import preflight
 
-    return preflight(load_recipe(args.recipe, args.overrides), args.num_gpus)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.prepare:
+        from crlft.prepare import prepare
+
+        _quiet_datasets()
+        prepare(recipe)
+    return preflight(recipe, args.num_gpus)
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:
