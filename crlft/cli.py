@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        # The docstring without its first line, which is for readers of the code.
+        print("crlft: train chat models with C-RLFT on DeepSpeed.\n\n" + __doc__.split("\n\n", 1)[1].strip())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from crlft import __version__
