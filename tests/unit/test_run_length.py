@@ -99,3 +99,27 @@ def test_plan_reports_the_trainers_numbers(tmp_path, monkeypatch, capsys):
     assert f"total steps: 3 over {expected.epochs} epoch(s) (train.max_steps={per_epoch}); the learning-rate " \
            f"schedule spans {per_epoch} steps, {expected.warmup_steps} of them warm-up (train.stop_after_steps" in out
     assert "capped by" not in out
+
+
+@pytest.mark.parametrize("export_every_epoch", [True, False])
+def test_epoch_exports_follow_export_every_epoch(export_every_epoch, monkeypatch):
+    """An epoch end always checkpoints; it exports only with train.export_every_epoch (export/final always comes)."""
+    from types import SimpleNamespace
+
+    from crlft import trainer
+
+    saved, exported = [], []
+    monkeypatch.setattr(trainer.ckpt, "save_checkpoint", lambda engine, out, step, *a, **k: saved.append(step) or
+                        f"step_{step}")
+    monkeypatch.setattr(trainer, "_export", lambda run, checkpoint, name, copy_of=None: exported.append(name) or name)
+    monkeypatch.setattr(trainer, "_trainer_state", lambda run, epoch_progress: {})
+    recipe = SimpleNamespace(train=_train(epochs=2, export_every_epoch=export_every_epoch), model=None)
+    run = SimpleNamespace(recipe=recipe, progress=trainer.Progress(), engine=None, model=None, tokenizer=None,
+                          template=None, dist=SimpleNamespace(rank=0), planned_steps=4,
+                          reached_stop=lambda: run.progress.step >= 4)
+    for index in range(4):
+        run.progress.step = index + 1
+        step = SimpleNamespace(step_in_epoch=index % 2, steps_per_epoch=2, epoch=index // 2)
+        trainer.checkpoint_and_export(run, step)
+    assert saved == [2, 4]
+    assert exported == (["epoch_1", "epoch_2"] if export_every_epoch else [])
