@@ -79,6 +79,10 @@ def test_pipeline_with_the_rendered_prompt_generates_what_crlft_chat_does(demo_e
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     out = pipe(prompt, add_special_tokens=False, max_new_tokens=6, do_sample=False, return_full_text=False)
     assert out[0]["generated_text"] == expected
+    # The README's apply_chat_template + generate, with no condition: the same answer.
+    inputs = tokenizer.apply_chat_template(SORT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == expected
 
 
 def test_conditions_under_a_template_without_them_are_refused():
@@ -97,5 +101,5 @@ def test_conditions_under_a_template_without_them_are_refused():
     assert best_condition(recipe) == ""
     assert inference_template(recipe).name == "chatml"
     _recipe(template="chatml", sources=[{"name": "a", "path": "a"}])  # no conditions: nothing to lose
-    with pytest.raises(UserError, match=r"model.inference_condition\): template 'chatml' has no conditions"):
+    with pytest.raises(UserError, match=r"model.inference_condition: template 'chatml' has no conditions"):
         _recipe(template="chatml", sources=[{"name": "a", "path": "a"}], inference_condition="GPT4")
