@@ -22,13 +22,19 @@ import sys
 from collections.abc import Callable
 
 from crlft.errors import UserError
-from crlft.recipe import load_recipe
 
 # The commands import their modules after parsing their arguments: `crlft --help` and `crlft COMMAND --help` should
 # not wait for deepspeed (5.9 s to import on the 2-core development machine), torch (3.2 s), datasets (3.0 s) or
 # transformers.
 
 DEBUG_ENV = "CRLFT_DEBUG"
+
+
+def load_recipe(path: str, overrides: list[str]):
+    """``crlft.recipe.load_recipe``, imported when a command runs (pydantic and yaml are not needed for help)."""
+    from crlft.recipe import load_recipe as load
+
+    return load(path, overrides)
 
 
 def debug_enabled() -> bool:

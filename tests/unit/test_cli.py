@@ -17,9 +17,9 @@ OPENCHAT = os.path.join(REPO_ROOT, "recipes", "openchat_3.5.yaml")
 
 
 def test_help_imports_nothing_heavy():
-    """``--help`` in a fresh interpreter: no torch, transformers, datasets or deepspeed imported for it (they take
+    """``--help`` in a fresh interpreter: no torch, transformers, datasets, deepspeed or pydantic imported (they take
     seconds; ``crlft eval --help`` used to take 10 s)."""
-    heavy = ("torch", "transformers", "datasets", "deepspeed")
+    heavy = ("torch", "transformers", "datasets", "deepspeed", "pydantic")
     probe = ("import sys, contextlib, io\nfrom crlft.cli import main\n"
              "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(sys.argv[1:])\n"
              "    except SystemExit:\n        pass\n"
