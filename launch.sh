@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train a recipe on every rank: `crlft prepare` once (it skips when the dataset is up to date), then DeepSpeed,
-# then `crlft eval` when the recipe has held-out prompts (eval.prompts).
+# Train a recipe on every rank: `crlft prepare` once (it skips when the dataset is up to date), `crlft preflight`
+# (a finished run stops here, in seconds; so does a resume the recipe cannot do), then DeepSpeed, then `crlft eval`
+# when the recipe has held-out prompts (eval.prompts).
 #
-#   ./launch.sh [--num_gpus N] [--hostfile H] [other deepspeed launcher options] RECIPE.yaml [section.key=value ...]
+#   ./launch.sh [--debug] [--num_gpus N] [--hostfile H] [other deepspeed launcher options] RECIPE.yaml [key=value ...]
 #
 # Examples
 #   ./launch.sh recipes/openchat_3.5.yaml                         all GPUs of this machine
@@ -13,7 +14,7 @@
 # whole path runs on a laptop (with --hostfile, its slots size the job instead). Every option before the recipe goes
 # to the `deepspeed` launcher unchanged; PYTHON picks the interpreter (default: python, else python3). The dataset
 # is prepared on this node only: with --hostfile, data.output_dir and train.output_dir must be on a filesystem all
-# nodes share.
+# nodes share. --debug (or CRLFT_DEBUG=1) shows tracebacks and DeepSpeed's own log lines, which a CPU run hides.
 set -euo pipefail
 
 usage() {
@@ -34,6 +35,7 @@ num_gpus=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
+        --debug) export CRLFT_DEBUG=1; shift ;;
         --num_gpus|--num_accelerators) num_gpus="${2:?$1 needs a value}"; shift 2 ;;
         --num_gpus=*|--num_accelerators=*) num_gpus="${1#*=}"; shift ;;
         --*=*) launcher_args+=("$1"); shift ;;
@@ -57,8 +59,26 @@ shift
 overrides=("$@")
 PYTHON="$(crlft_python)"
 
-if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    :  # GPUs: DeepSpeed uses all of them unless --num_gpus / --include say otherwise
+# How many ranks the launcher will start, when this script can tell (the resume check compares it with the
+# checkpoint's); empty when --include/--exclude/--num_nodes or a GPU hostfile leave it to the launcher.
+world_size=""
+# One Python start-up (torch takes seconds to import) for the CUDA devices and a free rendezvous port.
+read -r cuda_devices port < <("$PYTHON" -c 'import torch
+from crlft.dist import free_port
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0, free_port())' 2>/dev/null || echo "0 29500")
+case " ${launcher_args[*]-} " in
+    *" --include"*|*" -i "*|*" --exclude"*|*" -e "*|*" --num_nodes"*) chosen_by_launcher=yes ;;
+    *) chosen_by_launcher=no ;;
+esac
+if [[ "$cuda_devices" -gt 0 ]]; then
+    # GPUs: DeepSpeed uses all of them unless --num_gpus / --include say otherwise
+    has_hostfile=no
+    for arg in ${launcher_args[@]+"${launcher_args[@]}"}; do
+        case "$arg" in -H|--hostfile|--hostfile=*) has_hostfile=yes ;; esac
+    done
+    if [[ "$chosen_by_launcher" == no && "$has_hostfile" == no ]]; then
+        world_size="${num_gpus:-$cuda_devices}"
+    fi
 else
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
     hostfile=""
@@ -73,15 +93,26 @@ else
         ranks_here="$(awk '/slots=/ { sub(/.*slots=/, ""); n = $1 + 0; if (n > max) max = n } END { print max + 0 }' \
             "$hostfile" 2>/dev/null || echo 0)"
         ranks_here=$(( ranks_here > 0 ? ranks_here : 1 ))
+        if [[ "$chosen_by_launcher" == no ]]; then
+            world_size="$(awk '/slots=/ { sub(/.*slots=/, ""); n += $1 } END { print n + 0 }' "$hostfile" \
+                2>/dev/null || echo "")"
+        fi
     else
         num_gpus="${num_gpus:-2}"
         ranks_here="$num_gpus"
+        if [[ "$chosen_by_launcher" == no ]]; then world_size="$num_gpus"; fi
     fi
     # Ranks share the cores: one OpenMP pool each, not one per core each.
     cores="$(nproc 2>/dev/null || echo 2)"
     threads=$(( cores / ranks_here ))
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
     echo "launch.sh: no CUDA; DeepSpeed CPU accelerator with ${ranks_here} ranks per node, OMP_NUM_THREADS=${OMP_NUM_THREADS}"
+    # The launcher's INFO and WARNING lines on a CPU run ("Unable to find hostfile", "Setting CUDA_VISIBLE_DEVICES",
+    # every command it spawns) say nothing a CPU user can act on; its errors stay. --debug or a --log_level shows them.
+    case " ${launcher_args[*]-} " in
+        *" --log_level"*|*" --quiet "*|*" -q "*) ;;
+        *) if [[ -z "${CRLFT_DEBUG:-}" ]]; then launcher_args+=(--log_level error); fi ;;
+    esac
 fi
 if [[ -n "$num_gpus" ]]; then
     launcher_args+=(--num_gpus "$num_gpus")
@@ -90,10 +121,21 @@ fi
 # (a benchmark next to a demo, two users) do not collide at rendezvous.
 case " ${launcher_args[*]-} " in
     *" --master_port"*|*" -H "*|*" --hostfile"*|*" --num_nodes"*) ;;
-    *) launcher_args+=(--master_port "$("$PYTHON" -c 'from crlft.dist import free_port; print(free_port())' 2>/dev/null)") ;;
+    *) launcher_args+=(--master_port "$port") ;;
 esac
 
-"$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
+# `crlft prepare` (skipped when the dataset is up to date), then, before any rank starts: a run that is already
+# complete says so and ends here (exit 0); a resume the recipe cannot do is refused once, here, not by every rank
+# after minutes of start-up. One process for both.
+preflight=0
+"$PYTHON" -m crlft preflight --prepare "$recipe" ${world_size:+--num_gpus "$world_size"} \
+    ${overrides[@]+"${overrides[@]}"} || preflight=$?
+case "$preflight" in
+    0) ;;
+    10) exit 0 ;;
+    11) exec "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"} ;;
+    *) exit "$preflight" ;;
+esac
 
 deepspeed_bin="$(dirname "$(command -v "$PYTHON")")/deepspeed"
 if [[ ! -x "$deepspeed_bin" ]]; then

@@ -34,7 +34,7 @@ DEMO = os.path.join(ROOT, "recipes", "demo.yaml")
 METHODS = ("sft_all", "sft_expert", "crlft")
 
 
-def run_overrides(method: str, seed: int, work_dir: str, epochs: int, max_steps: int) -> list[str]:
+def run_overrides(method: str, seed: int, work_dir: str, epochs: int, steps: int) -> list[str]:
     """The ``section.key=value`` overrides that turn the demo recipe into one run of the comparison."""
     sources = os.path.join(work_dir, f"data_s{seed}")
     run = os.path.join(work_dir, f"{method}_s{seed}")
@@ -50,7 +50,9 @@ def run_overrides(method: str, seed: int, work_dir: str, epochs: int, max_steps:
         f"train.output_dir={run}",
         f"train.seed={seed}",
         f"train.epochs={epochs}",
-        f"train.max_steps={max_steps}",
+        # Stop after `steps` with the schedule over all epochs, as the recorded figures were run (train.max_steps
+        # would make the schedule span exactly `steps`).
+        f"train.stop_after_steps={steps}",
         "train.save_every_steps=null",
         "logging.log_every=100",
     ]
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for method in args.methods:
             # Prepare first, to size the epochs so that every method's schedule spans the same number of steps.
-            probe = run_overrides(method, seed, args.work_dir, epochs=1, max_steps=args.steps)
+            probe = run_overrides(method, seed, args.work_dir, epochs=1, steps=args.steps)
             subprocess.run([sys.executable, "-m", "crlft", "prepare", DEMO, *probe], cwd=ROOT, env=env, check=True,
                            stdout=subprocess.DEVNULL)
             epochs = math.ceil(args.steps / steps_per_epoch(probe))

@@ -428,7 +428,8 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
 
     The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
     (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
+    normalisation, the schedule's length ``max_steps``). Free to change: ``stop_after_steps``, ``save_every_steps``,
+    ``keep_last``, exports, logging, the base path.
     """
     t = recipe.train
     return {
@@ -440,6 +441,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
         "grad_accum": t.grad_accum,
         "seed": t.seed,
         "epochs": t.epochs,
+        "max_steps": t.max_steps,
         "lr": t.lr,
         "lr_warmup_ratio": t.lr_warmup_ratio,
         "lr_min_ratio": t.lr_min_ratio,

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, ConfigDict, Strict, model_validator
 from pydantic.dataclasses import dataclass as section
 
+from crlft.conditions import condition_rules
 from crlft.errors import UserError
 from crlft.templates import TEMPLATES
 
@@ -88,6 +89,10 @@ class ModelConfig(_Section):
     ``crlft_varlen`` (one SDPA call per conversation). ``sdpa``/``eager`` are correct but build a dense T×T mask per
     packed row (about 6 GB at 77,824 tokens); the chosen backend is printed in the run's log."""
 
+    inference_condition: Text | None = None
+    """Condition the export's chat template (and ``crlft chat``) uses when none is passed; ``null``: the condition
+    of the highest-reward source (the recipe's best class)."""
+
     gradient_checkpointing: Bool = False
     """Recompute activations in the backward pass to save memory (about 30% more compute)."""
 
@@ -153,6 +158,10 @@ class DataConfig(_Section):
     num_proc: Int | None = None
     """Worker processes for tokenization; default: the number of CPU cores (at most 16)."""
 
+    drop_conditions: Bool = False
+    """Allow sources with conditions under a template that has none (``chatml``, ...): the conditions are dropped
+    and C-RLFT becomes reward-weighted SFT. ``false``: such a recipe is refused."""
+
     generate: Text | None = None
     """Shell command ``crlft prepare`` runs first when a source file is missing, to write the sources (the demo's
     synthetic data generator). ``null``: missing files are an error."""
@@ -200,10 +209,18 @@ class TrainConfig(_Section):
     """Seed of model-independent randomness: data order, dropout."""
 
     max_steps: Int | None = None
-    """Stop after this many optimizer steps (a checkpoint and an export are written)."""
+    """Length of the run in optimizer steps, as in Hugging Face's Trainer: the warm-up and the decay span
+    ``max_steps`` and it overrides ``epochs`` (more epochs are run when needed). ``null``: ``epochs`` epochs."""
+
+    stop_after_steps: Int | None = None
+    """Stop early after this many optimizer steps without changing the schedule (a checkpoint and an export are
+    written); for tests and benchmarks. ``null``: run to the end of the schedule."""
 
     save_every_steps: Int | None = None
     """Checkpoint every N optimizer steps (and always at each epoch end). ``null``: epoch ends only."""
+
+    export_every_epoch: Bool = True
+    """Write a Hugging Face export at each epoch end (``export/epoch_N``); ``export/final`` is always written."""
 
     keep_last: Int = 2
     """Checkpoints to keep; older ones are deleted after a newer one is complete."""
@@ -267,7 +284,7 @@ class LoggingConfig(_Section):
     """Weights & Biases settings."""
 
     log_every: Int = 1
-    """Print and log metrics every N optimizer steps (``metrics.jsonl`` always gets every step)."""
+    """Print a progress line every N optimizer steps (``metrics.jsonl`` and wandb always get every step)."""
 
 
 @section(config=SECTION_CONFIG)
@@ -338,6 +355,7 @@ class Recipe:
         for i, s in enumerate(d.sources):  # written into the role prefixes, where control tokens are live
             typed = [t for t in live if t in s.condition]
             yield (not typed, ("data", "sources", i, "condition"), f"contains control token(s) {', '.join(typed)}")
+        yield from condition_rules(self)
         yield (d.beta > 0, ("data", "beta"), "must be positive")
         yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
 
@@ -355,6 +373,7 @@ class Recipe:
         yield (t.grad_clip >= 0, ("train", "grad_clip"), "must be ≥ 0")
         yield (t.grad_accum >= 1, ("train", "grad_accum"), "must be ≥ 1")
         yield (t.max_steps is None or t.max_steps >= 1, ("train", "max_steps"), "must be ≥ 1")
+        yield (t.stop_after_steps is None or t.stop_after_steps >= 1, ("train", "stop_after_steps"), "must be ≥ 1")
         yield (t.save_every_steps is None or t.save_every_steps >= 1, ("train", "save_every_steps"), "must be ≥ 1")
         yield (t.keep_last >= 1, ("train", "keep_last"), "must be ≥ 1")
         yield (t.nonfinite_skips >= 0, ("train", "nonfinite_skips"), "must be ≥ 0")

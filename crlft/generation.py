@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from crlft.conversation import Conversation, Message
 from crlft.errors import UserError
 from crlft.jsonl import JsonLineError, read_jsonl
 from crlft.render import condition_problem, render_batch
+from crlft.runlog import log_eval_to_wandb
 from crlft.templates import TEMPLATES, Template
 
 
@@ -55,8 +57,28 @@ def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
 
 
 def export_template(tokenizer: Any) -> Template | None:
-    """The crlft template whose chat template the tokenizer carries, or None for a foreign one."""
-    return next((t for t in TEMPLATES.values() if t.chat_template == tokenizer.chat_template), None)
+    """The crlft template whose chat template the tokenizer carries (with the export's default condition), or None
+    for a foreign one."""
+    for template in TEMPLATES.values():
+        if template.chat_template == tokenizer.chat_template:
+            return template
+        if template.uses_condition and tokenizer.chat_template:
+            # Exports default to the recipe's best class (crlft.conditions.inference_template): recover it, and
+            # accept it only if the template rebuilt with it is exactly the export's.
+            match = _DEFAULT_CONDITION.search(tokenizer.chat_template)
+            if match is not None:
+                candidate = dataclasses.replace(template, inference_condition=_unquote_jinja(match.group(1)))
+                if candidate.chat_template == tokenizer.chat_template:
+                    return candidate
+    return None
+
+
+# How crlft.templates writes the default condition into a jinja chat template (a single-quoted jinja literal).
+_DEFAULT_CONDITION = re.compile(r"\{%- set condition = '((?:[^'\\]|\\.)*)' %\}")
+
+
+def _unquote_jinja(literal: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), literal)
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], condition: str | None) -> list[int]:
@@ -243,7 +265,18 @@ def run_eval(recipe: Recipe, model_dir: str | None = None) -> str:
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump({"model": model_dir, "prompts": e.prompts, "results": results}, f, indent=2)
     print(f"written: {out_path}")
+    wandb_id = log_eval_to_wandb(recipe, model_dir, results, _export_step(model_dir))
+    if wandb_id is not None:
+        print(f"logged to wandb run {wandb_id}")
     return out_path
+
+
+def _export_step(model_dir: str) -> int | None:
+    try:
+        with open(os.path.join(model_dir, "crlft_export.json"), encoding="utf-8") as f:
+            return json.load(f).get("step")
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +304,8 @@ def chat(model_dir: str, *, condition: str | None, system: str, prompt: str | No
         return
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"crlft chat with {model_dir} (condition {condition!r}); /reset, /exit", file=sys.stderr)
+        shown = "the export's default condition" if condition is None else f"condition {condition!r}"
+        print(f"crlft chat with {model_dir} ({shown}); /reset, /exit", file=sys.stderr)
     while True:
         try:
             text = input("you> " if interactive else "")

@@ -17,12 +17,15 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
+from crlft.conditions import best_condition
 from crlft.config import Recipe, deepspeed_config
 from crlft.errors import UserError
+from crlft.known_bases import known_base, known_config
 from crlft.loader import PackedLoader
 from crlft.memory import activation_bytes, memory_per_gpu
 from crlft.model import resolve_model_dir
 from crlft.prepare import load_prepared
+from crlft.run_length import RunLength, few_steps_warning, run_length
 from crlft.templates import get_template
 from crlft.tokenizer import load_tokenizer, make_tokenizer
 
@@ -32,8 +35,18 @@ AUTO_LR_BASE = 3e-4
 AUTO_LR_BASE_TOKENS = 4_000_000
 AUTO_LR_DIVISORS = {"mistral": 6.0}
 
-DEFAULT_NUM_GPUS = 8
+CPU_RANKS = 2  # what launch.sh starts without CUDA
 GIB = 2**30
+
+
+def machine_num_gpus() -> tuple[int, str]:
+    """The ranks a launch on this machine gets, and where the number came from: ``$WORLD_SIZE``, else the CUDA
+    devices, else launch.sh's 2 CPU ranks."""
+    if os.environ.get("WORLD_SIZE", "").isdigit() and int(os.environ["WORLD_SIZE"]) > 0:
+        return int(os.environ["WORLD_SIZE"]), "$WORLD_SIZE"
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count(), "this machine's GPUs"
+    return CPU_RANKS, "no CUDA: launch.sh's CPU ranks; --num_gpus N for another machine"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +190,13 @@ def model_size(recipe: Recipe) -> ModelSize:
             "created with the template's tokens already in its vocabulary",
         )
 
-    model_dir = resolve_model_dir(m.base, recipe.where("model", "base"))
+    try:
+        model_dir = resolve_model_dir(m.base, recipe.where("model", "base"))
+    except UserError:
+        known = known_base(m.base)
+        if known is None:
+            raise
+        return _known_base_size(known, tokens)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     vocab_before = int(config.vocab_size)
     note = ""
@@ -206,7 +225,20 @@ def model_size(recipe: Recipe) -> ModelSize:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def _known_base_size(known: Any, tokens: list[str]) -> ModelSize:
+    """Sizes from crlft's table of published shapes (``crlft.known_bases``) when the base is not downloaded."""
+    config = known_config(known)
+    vocab_before = int(config.vocab_size)
+    added = len([t for t in tokens if t not in known.tokens_in_vocab])
+    params_before = count_parameters(config)
+    after = config.__class__.from_dict({**config.to_dict(), "vocab_size": vocab_before + added})
+    params_after = count_parameters(after) if added else params_before
+    note = (f"not downloaded: the published shape of {known.model_id} (crlft.known_bases); the template adds "
+            f"{added} token(s)")
+    return ModelSize(f"{known.model_id}, its published shape", config.model_type, config, vocab_before,
+                     vocab_before + added, params_before, params_after, note)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +255,7 @@ class DataPlan:
     num_supervised: int | None = None
     steps_per_epoch: int | None = None
     total_steps: int | None = None
+    length: RunLength | None = None
 
     @property
     def supervised_ratio(self) -> float | None:
@@ -249,20 +282,25 @@ def data_plan(recipe: Recipe, num_gpus: int) -> DataPlan:
         pad_to_multiple_of=t.pad_to_multiple_of,
         num_epochs=t.epochs,
     )
-    steps_per_epoch = loader.steps_per_epoch(0)
-    total_steps = loader.total_steps()
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
-    return DataPlan(True, "", len(dataset), num_tokens, num_supervised, steps_per_epoch, total_steps)
+    length = run_length(t, loader.steps_per_epoch)  # what the trainer computes
+    return DataPlan(True, "", len(dataset), num_tokens, num_supervised, length.steps_per_epoch[0], length.stop_at,
+                    length)
 
 
 def _gib(num_bytes: float) -> str:
     return f"{num_bytes / GIB:6.1f} GiB"
 
 
-def plan_text(recipe: Recipe, num_gpus: int) -> str:
-    """The report ``crlft plan`` prints: the model, memory per GPU, data and steps, learning rate."""
-    lines = [f"crlft plan: {recipe.source_path or 'recipe'} on {num_gpus} GPU(s)", ""]
+def plan_text(recipe: Recipe, num_gpus: int, where: str = "") -> str:
+    """The report ``crlft plan`` prints: the model, memory per GPU, data and steps, learning rate.
+
+    Args:
+        recipe: the recipe.
+        num_gpus: data-parallel ranks.
+        where: where ``num_gpus`` came from (printed beside it).
+    """
+    lines = [f"crlft plan: {recipe.source_path or 'recipe'} on {num_gpus} GPU(s)" + (f" ({where})" if where else ""),
+             ""]
     try:
         size: ModelSize | None = model_size(recipe)
     except UserError as error:
@@ -335,9 +373,15 @@ def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) ->
             f"supervised ({ratio:.1%})",
             f"  steps per epoch: {data.steps_per_epoch:,} (packing plan of epoch 0: {num_gpus} GPU(s) x "
             f"{t.grad_accum} micro-batch(es) x {t.batch_max_len:,} tokens per step)",
-            f"  total steps: {data.total_steps:,} over {t.epochs} epoch(s)"
-            + (f" (capped by train.max_steps={t.max_steps})" if t.max_steps is not None else ""),
+            f"  total steps: {data.total_steps:,} over {data.length.epochs} epoch(s) ({data.length.source}); the "
+            f"learning-rate schedule spans {data.length.schedule_steps:,} steps, {data.length.warmup_steps:,} of "
+            "them warm-up"
+            + (" (train.stop_after_steps stops the run before the schedule ends)"
+               if data.length.stop_at < data.length.schedule_steps else ""),
         ]
+        warning = few_steps_warning(data.length)
+        if warning:
+            lines.append(f"  warning: {warning}")
         if data.steps_per_epoch:
             measured = data.num_supervised / data.steps_per_epoch
             lines.append(f"  measured supervised tokens per step: {measured:,.0f} on average")
@@ -374,16 +418,22 @@ def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) ->
         f"  schedule: linear warm-up over {t.lr_warmup_ratio:.0%} of the steps, cosine decay to "
         f"{t.lr_min_ratio:g} x peak; AdamW betas {t.betas}, weight decay {t.weight_decay:g}",
     ]
+    condition = best_condition(recipe)
+    if get_template(m.template).uses_condition:
+        lines += ["", "inference", f"  the exports' default condition: {condition!r} (model.inference_condition, "
+                  "else the condition of the highest-reward source)"]
     return lines
 
 
 __all__ = [
     "AUTO_LR_BASE",
     "AUTO_LR_BASE_TOKENS",
+    "CPU_RANKS",
     "DataPlan",
     "ModelSize",
     "count_parameters",
     "data_plan",
+    "machine_num_gpus",
     "dataset_token_counts",
     "model_size",
     "plan_text",

@@ -7,6 +7,7 @@ on); it is written into a temporary sibling and renamed into place, so a crash n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,7 @@ from crlft.model import ensure_base_model
 from crlft.report import build_report, format_report
 from crlft.rows import STAT_COLUMNS, SourceJob, process_batch, record_locations, row_features
 from crlft.sourcescan import readable_copy, scan_json_source
-from crlft.templates import TEMPLATES
+from crlft.templates import TEMPLATES, Template
 from crlft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 META_FILE = "crlft_meta.json"
@@ -102,8 +103,19 @@ def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
     return cached
 
 
-def recipe_tokenizer(recipe: Recipe):
-    return _tokenizer_and_fingerprint(recipe)[0]
+def recipe_tokenizer(recipe: Recipe, template: Template | None = None):
+    """The recipe's training tokenizer; a missing base or tokenizer is a located error.
+
+    Args:
+        recipe: the recipe.
+        template: the template whose chat template the tokenizer should carry (e.g. with the recipe's inference
+            condition as its default); None: the recipe's template as registered. Tokens are the same either way.
+    """
+    tokenizer = _tokenizer_and_fingerprint(recipe)[0]
+    if template is not None and template != TEMPLATES[recipe.model.template]:
+        tokenizer = copy.copy(tokenizer)  # the cached one keeps its chat template
+        tokenizer.chat_template = template.chat_template
+    return tokenizer
 
 
 def _expected_meta(recipe: Recipe, tokenizer_fingerprint: str) -> dict[str, Any]:

@@ -234,7 +234,35 @@ def _walk(section_type: type, loc: tuple) -> tuple[tuple, Any, type | None]:
     return tuple(path), tp, None
 
 
+# Other trainers' names (Hugging Face Trainer, TRL, axolotl) for crlft's keys: (section, key).
+OTHER_TRAINERS_NAMES = {
+    "learning_rate": ("train", "lr"),
+    "num_train_epochs": ("train", "epochs"),
+    "num_epochs": ("train", "epochs"),
+    "max_seq_length": ("model", "max_context"),
+    "max_length": ("model", "max_context"),
+    "sequence_len": ("model", "max_context"),
+    "gradient_accumulation_steps": ("train", "grad_accum"),
+    "warmup_ratio": ("train", "lr_warmup_ratio"),
+    "max_grad_norm": ("train", "grad_clip"),
+    "save_steps": ("train", "save_every_steps"),
+    "save_total_limit": ("train", "keep_last"),
+    "logging_steps": ("logging", "log_every"),
+    "model_name_or_path": ("model", "base"),
+    "chat_template": ("model", "template"),
+    "adam_beta1": ("train", "betas"),
+    "adam_beta2": ("train", "betas"),
+    "adam_epsilon": ("train", "eps"),
+    "bf16": ("model", "dtype"),
+}
+
+
 def _unknown_key(key: Any, known: list[str]) -> str:
+    alias = OTHER_TRAINERS_NAMES.get(str(key))
+    if alias is not None:
+        section_name, name = alias
+        target = name if name in known else f"{section_name}.{name}"
+        return f"unknown key {key!r}; did you mean {target!r}? (crlft's name for it)"
     close = difflib.get_close_matches(str(key), known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return f"unknown key {key!r}{hint}"

@@ -68,15 +68,67 @@ def start_wandb(recipe: Recipe, run_id: str | None) -> tuple[Any, str | None]:
     return run, run_id
 
 
+def eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``crlft eval`` results as flat wandb keys: ``eval/<condition>/accuracy`` and per task (``none`` for "")."""
+    flat: dict[str, float] = {}
+    for condition, r in results.items():
+        name = condition or "none"
+        flat[f"eval/{name}/accuracy"] = r["accuracy"]
+        for task, accuracy in r.get("per_task", {}).items():
+            flat[f"eval/{name}/{task}/accuracy"] = accuracy
+    return flat
+
+
+def training_wandb_run_id(output_dir: str, model_dir: str) -> str | None:
+    """The wandb run id of the training that wrote ``model_dir`` (from its checkpoint), else of the run directory's
+    newest checkpoint, else None."""
+    from crlft.checkpoint import EXPORT_INFO_FILE, TRAINER_STATE_FILE, latest_checkpoint
+
+    candidates = []
+    try:
+        with open(os.path.join(model_dir, EXPORT_INFO_FILE), encoding="utf-8") as f:
+            candidates.append(json.load(f).get("checkpoint"))
+    except (OSError, ValueError):
+        pass
+    candidates.append(latest_checkpoint(output_dir))
+    for checkpoint in candidates:
+        try:
+            with open(os.path.join(checkpoint, TRAINER_STATE_FILE), encoding="utf-8") as f:
+                run_id = json.load(f).get("wandb_run_id")
+        except (OSError, TypeError, ValueError):
+            continue
+        if run_id:
+            return run_id
+    return None
+
+
+def log_eval_to_wandb(recipe: Recipe, model_dir: str, results: dict[str, Any], step: int | None) -> str | None:
+    """Send ``crlft eval`` results to the training's wandb run (continued by its id; a new run when there is none).
+
+    The accuracies go into the run's summary and, with ``eval/step`` (the export's step), into its history.
+
+    Returns:
+        The wandb run id, or None when wandb is off in the recipe.
+    """
+    run, run_id = start_wandb(recipe, training_wandb_run_id(recipe.train.output_dir, model_dir))
+    if run is None:
+        return None
+    flat = eval_metrics(results)
+    run.log({**flat, **({"eval/step": step} if step is not None else {})})
+    run.summary.update(flat)
+    run.finish()
+    return run_id
+
+
 class RunLog:
-    """Where a step's numbers go on rank 0: ``metrics.jsonl`` (every step), the progress bar, a line and wandb (every
-    ``log_every`` steps). Other ranks hold a disabled one.
+    """Where a step's numbers go on rank 0: ``metrics.jsonl`` and wandb (every step), the progress bar, and a printed
+    line every ``log_every`` steps. Other ranks hold a disabled one.
 
     Args:
         path: the ``metrics.jsonl`` file (appended to).
         total_steps: steps the run will do in all (for the bar and the ETA).
         done_steps: steps already done (resumed runs).
-        log_every: print and send to wandb every this many steps.
+        log_every: print a line every this many steps (the file and wandb get every step).
         wandb_run: a wandb run, or None.
         enabled: False on ranks other than 0.
     """
@@ -98,6 +150,8 @@ class RunLog:
         self.file.write(json.dumps({k: v if k == "loss" else _round(v) for k, v in record.items()}) + "\n")
         self.file.flush()
         step = record["step"]
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         self.bar.update(1)
         self.bar.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -110,8 +164,6 @@ class RunLog:
                 + (f"({per_condition}) " if per_condition else "")
                 + f"acc {record['weighted_accuracy']:.3f} lr {record['lr']:.3e} {record['tokens_per_s']:.0f} tok/s "
                 f"eta {eta}", file=sys.stderr)
-            if self.wandb_run is not None:
-                self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self, final_loss: float) -> None:
         """Close the file, the bar and the wandb run."""
@@ -123,4 +175,5 @@ class RunLog:
             self.wandb_run.finish()
 
 
-__all__ = ["METRICS_FILE", "RunLog", "start_wandb", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "RunLog", "eval_metrics", "log_eval_to_wandb", "start_wandb", "training_wandb_run_id",
+           "truncate_metrics"]

@@ -9,11 +9,7 @@ import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from crlft.config import Recipe
-
-
-def num_warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """Steps of linear warm-up: ``ceil(warmup_ratio · total_steps)``, less than ``total_steps``."""
-    return min(math.ceil(warmup_ratio * total_steps), max(total_steps - 1, 0))
+from crlft.run_length import num_warmup_steps  # re-exported: the schedule's API
 
 
 def lr_factor(step_index: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -22,6 +22,7 @@ from deepspeed.utils import logger as deepspeed_logger
 
 from crlft import checkpoint as ckpt
 from crlft.collate import flash_attention_kwargs
+from crlft.conditions import inference_template
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
 from crlft.export import export_checkpoint, link_or_copy_tree
@@ -31,10 +32,12 @@ from crlft.loss import WeightedLossModel, global_denominator, loss_scale_for_bac
 from crlft.metrics import SUM_FIELDS, per_condition_sums, step_metrics
 from crlft.model import ensure_base_model, load_model
 from crlft.plan import dataset_token_counts, resolve_lr, supervised_tokens_per_step
+from crlft.preflight import FINAL_EXPORT, complete_message, resume_point
 from crlft.prepare import load_prepared, recipe_tokenizer
+from crlft.run_length import few_steps_warning, run_length
 from crlft.runlog import METRICS_FILE, RunLog, start_wandb, truncate_metrics
-from crlft.schedule import build_optimizer, lr_scheduler_factory, num_warmup_steps
-from crlft.templates import TEMPLATES, Template
+from crlft.schedule import build_optimizer, lr_scheduler_factory
+from crlft.templates import Template
 
 logger = logging.getLogger("crlft.trainer")
 
@@ -140,10 +143,17 @@ class Run:
     progress: Progress
     guard: NonFiniteGuard
 
-    def reached_max_steps(self) -> bool:
-        """Whether ``train.max_steps`` is set and reached."""
-        max_steps = self.recipe.train.max_steps
-        return bool(max_steps and self.progress.step >= max_steps)
+    def reached_stop(self) -> bool:
+        """Whether the run has done all its steps (``planned_steps``: the schedule, or ``train.stop_after_steps``)."""
+        return self.progress.step >= self.planned_steps
+
+
+class RunComplete(Exception):
+    """The checkpoint resumed from already finished the run (and its final export is there): nothing to do."""
+
+    def __init__(self, summary: dict[str, Any]):
+        super().__init__(summary)
+        self.summary = summary
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -162,12 +172,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
     Raises:
         UserError: no prepared dataset, a checkpoint that cannot be resumed with this recipe, bad settings.
     """
-    run = set_up(recipe)
+    try:
+        run = set_up(recipe)
+    except RunComplete as done:  # no engine, no export, no wandb run
+        return done.summary
     maybe_resume(run)
     log = open_run_log(run)
     run.engine.train()
     try:
-        for step in ([] if run.reached_max_steps() else run.loader):
+        for step in ([] if run.reached_stop() else run.loader):
             if step.epoch != run.progress.epoch:
                 on_epoch_start(run, step)
             started = time.perf_counter()
@@ -179,7 +192,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 metrics["skipped"] = 1.0  # a non-finite step, its update dropped (crlft.guard)
             log.step(advance(run.progress, step, metrics, time.perf_counter() - started))
             checkpoint_and_export(run, step)
-            if run.reached_max_steps():
+            if run.reached_stop():
                 break
     finally:
         log.close(run.progress.last_loss)
@@ -202,8 +215,12 @@ def set_up(recipe: Recipe) -> Run:
     # different world sizes stay comparable.
     torch.manual_seed(t.seed)
 
-    template = TEMPLATES[m.template]
-    tokenizer = recipe_tokenizer(recipe)  # a missing base or tokenizer is a located error
+    started = time.perf_counter()
+    template = inference_template(recipe)  # the export's chat template answers as the best class by default
+    if template.uses_condition:
+        logger.info(f"inference condition: {template.inference_condition!r} (the exports' default; "
+                    "model.inference_condition, else the condition of the highest-reward source)")
+    tokenizer = recipe_tokenizer(recipe, template)  # a missing base or tokenizer is a located error
     dataset = load_prepared(recipe)
     conditions = sorted(set(dataset.unique("condition"))) if "condition" in dataset.column_names else [""]
     loader = PackedLoader(
@@ -211,28 +228,35 @@ def set_up(recipe: Recipe) -> Run:
         seed=t.seed, pad_to_multiple_of=t.pad_to_multiple_of, num_epochs=t.epochs,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
-    steps_per_epoch = [loader.steps_per_epoch(e) for e in range(t.epochs)]
-    total_steps = sum(steps_per_epoch)
-    logger.info(
-        f"data: {len(dataset)} conversations, {steps_per_epoch[0]} steps/epoch × {t.epochs} epochs = {total_steps} "
-        f"steps ({dist.world_size} ranks × {t.grad_accum} rows × {t.batch_max_len} tokens), "
-        f"{num_warmup_steps(total_steps, t.lr_warmup_ratio)} warm-up steps"
-        + (f"; stopping after {t.max_steps} steps" if t.max_steps and t.max_steps < total_steps else "")
-    )
+    length = run_length(t, loader.steps_per_epoch)  # the same numbers `crlft plan` prints
+    loader.num_epochs = length.epochs
+    logger.info(f"data: {len(dataset)} conversations, {length.describe()} ({dist.world_size} ranks × "
+                f"{t.grad_accum} rows × {t.batch_max_len} tokens per step)")
+    few_steps = few_steps_warning(length)
+    if few_steps and dist.rank == 0:
+        logger.warning(few_steps)
 
     fingerprint = ckpt.resume_fingerprint(recipe, ckpt.data_fingerprint(recipe.data.output_dir), dist.world_size)
-    resume_from = ckpt.resolve_resume(t.resume, t.output_dir, recipe.where("train", "resume"))
-    if resume_from is not None:
-        ckpt.check_resume_fingerprint(ckpt.read_trainer_state(resume_from)["fingerprint"], fingerprint, resume_from)
+    point = resume_point(recipe, fingerprint)
+    done = complete_message(recipe, point, length.stop_at)
+    if done is not None:
+        logger.info(done)
+        barrier()
+        torch.distributed.destroy_process_group()
+        raise RunComplete({"step": point.step, "final_loss": math.nan, "checkpoint": point.checkpoint,
+                           "export": os.path.join(t.output_dir, ckpt.EXPORT_DIR, FINAL_EXPORT)})
 
     ds_config = deepspeed_config(recipe)
+    logger.info(f"loading the model from {m.base} ...")
     model = load_model(recipe, tokenizer, dist.device)
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
-    engine = _engine(recipe, ds_config, model, lr, total_steps, dist.device)
+    logger.info(f"building the DeepSpeed engine (ZeRO-{recipe.deepspeed.zero_stage}, {dist.world_size} ranks) ...")
+    engine = _engine(recipe, ds_config, model, lr, length.schedule_steps, dist.device)
+    logger.info(f"set-up took {time.perf_counter() - started:.0f} s")
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
-               loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=resume_from, lr=lr,
-               total_steps=total_steps, planned_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
-               progress=Progress(last_checkpoint=resume_from), guard=NonFiniteGuard(t.nonfinite_skips))
+               loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=point.checkpoint, lr=lr,
+               total_steps=length.schedule_steps, planned_steps=length.stop_at,
+               progress=Progress(last_checkpoint=point.checkpoint), guard=NonFiniteGuard(t.nonfinite_skips))
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -259,6 +283,7 @@ def maybe_resume(run: Run) -> None:
     """Load the checkpoint chosen in :func:`set_up` (if any); drop the metrics lines logged after it."""
     progress = run.progress
     if run.resume_from is not None:
+        logger.info(f"resuming from {run.resume_from} ...")
         saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank)
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
@@ -287,7 +312,7 @@ def on_epoch_start(run: Run, step: PackedStep) -> None:
     """The first step of an epoch (or of a resumed run) is due: the place for per-epoch reports."""
     run.progress.epoch = step.epoch
     resumed = f", resumed at step {step.step_in_epoch + 1}" if step.step_in_epoch else ""
-    logger.info(f"epoch {step.epoch + 1}/{run.recipe.train.epochs}: {step.steps_per_epoch} steps{resumed}")
+    logger.info(f"epoch {step.epoch + 1}/{run.loader.num_epochs}: {step.steps_per_epoch} steps{resumed}")
     if run.dist.rank == 0:
         _log_class_mixing(run.loader, step.epoch)
 
@@ -311,11 +336,12 @@ def advance(progress: Progress, step: PackedStep, metrics: dict[str, float], ste
 
 
 def checkpoint_and_export(run: Run, step: PackedStep) -> None:
-    """Checkpoint at an epoch end, at ``max_steps`` and every ``save_every_steps``; export at each epoch end."""
+    """Checkpoint at an epoch end, at the last step and every ``save_every_steps``; export at each epoch end (unless
+    ``train.export_every_epoch`` is off)."""
     t, progress = run.recipe.train, run.progress
     epoch_end = step.step_in_epoch + 1 == step.steps_per_epoch
     periodic = bool(t.save_every_steps and progress.step % t.save_every_steps == 0)
-    if epoch_end or run.reached_max_steps() or periodic:
+    if epoch_end or run.reached_stop() or periodic:
         check_state_finite(run.engine, f"after step {progress.step}",
                            f"stopping before the checkpoint of step {progress.step}: "
                            + nothing_written(progress.last_checkpoint))
@@ -325,7 +351,7 @@ def checkpoint_and_export(run: Run, step: PackedStep) -> None:
                                                   max_context=run.recipe.model.max_context),
             keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
         )
-    if epoch_end:
+    if epoch_end and t.export_every_epoch:
         progress.epoch_export = (progress.step, _export(run, progress.last_checkpoint, f"epoch_{step.epoch + 1}"))
 
 
@@ -334,7 +360,7 @@ def finish(run: Run) -> dict[str, Any]:
     progress = run.progress
     final_export = None
     if progress.last_checkpoint is not None:
-        # The last step always has a checkpoint (epoch end or max_steps); an epoch export of it is linked, not redone.
+        # The last step always has a checkpoint (an epoch end or the run's end); an epoch export of it is linked.
         epoch_export = progress.epoch_export
         reuse = epoch_export[1] if epoch_export and epoch_export[0] == progress.step else None
         final_export = _export(run, progress.last_checkpoint, "final", copy_of=reuse)

@@ -276,3 +276,38 @@ def tiny_mistral(vocab=64, tied=False):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     return model
 
+
+def wandb_history(run_dir: str) -> list[dict]:
+    """The history rows (``run.log`` calls) of every offline wandb run under ``run_dir/wandb``, values as JSON text.
+
+    wandb keeps no reader for its ``.wandb`` files: they are LevelDB-style logs (32 KiB blocks of records with a
+    7-byte header: crc32, length, type; after a 7-byte file header) of ``wandb_internal_pb2.Record`` messages.
+    """
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        pos, block, pending, records = 7, 32768, b"", []
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:
+                break
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):  # a full record, or the last piece of one
+                records.append(pending)
+        for raw in records:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+

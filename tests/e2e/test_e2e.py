@@ -24,6 +24,7 @@ from helpers import (
     prepare_recipe,
     read_metrics,
     run_deepspeed,
+    wandb_history,
     write_recipe,
 )
 
@@ -49,7 +50,9 @@ def zero3_run(tmp_path_factory, tiny_mistral_dir):
     tmp = tmp_path_factory.mktemp("e2e_zero3")
     recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
     prepare_recipe(recipe)
-    result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline"), num_ranks=2)
+    # log_every above the run's length: the printed lines thin out, wandb must still get every step.
+    result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline",
+                                    "logging.log_every=100"), num_ranks=2)
     return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16",
             "master_port": result.master_port}
 
@@ -77,6 +80,13 @@ def test_no_shared_memory_left_behind(zero3_run):
     # DeepSpeed's CPU all-reduce makes a 66 MB /dev/shm file per rank and never removes it (crlft.dist unlinks it).
     leftovers = [shm_buffer_path(rank, "127.0.0.1", str(zero3_run["master_port"])) for rank in range(2)]
     assert [p for p in leftovers if os.path.exists(p)] == []
+def test_wandb_gets_every_step_whatever_log_every(zero3_run):
+    rows = wandb_history(zero3_run["dir"])
+    assert [int(row["_step"]) for row in rows] == list(range(1, 16))
+    metrics = read_metrics(zero3_run["dir"])
+    assert [float(row["loss"]) for row in rows] == pytest.approx([m["loss"] for m in metrics])
+    printed = [line for line in zero3_run["log"].splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in printed] == ["15/15"]  # log_every=100: only the last step is printed
 
 
 def test_loss_falls_and_every_step_is_logged(run):

@@ -269,7 +269,8 @@ def test_train_mistral_7b_width_on_one_gpu_with_deepspeed_zero2(tmp_path):
                                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
     base = tmp_path / "base"
     create_from_scratch(str(base), shape, "openchat_3.5", seed=0)
-    # ~40 conversations per 2,048-token row: 1,800 conversations are more than 20 steps; max_steps stops at 20.
+    # ~40 conversations per 2,048-token row: 1,800 conversations are more than 20 steps; max_steps makes the run (and
+    # its schedule) 20 steps long.
     recipe = write_recipe(tmp_path, str(base), num_good=1200, num_bad=600, zero_stage=2, dtype="bfloat16",
                           epochs=1, max_steps=TRAIN_STEPS, batch_max_len=2048, lr=2e-3 if ON_CPU else 3e-4,
                           lr_warmup_ratio=0.1,

@@ -185,3 +185,36 @@ def test_cli_plan_reports_user_errors(tmp_path, capsys):
     assert "unknown key 'epoch'" in err and "did you mean 'epochs'" in err
     assert cli_main(["plan", OPENCHAT_RECIPE, f"model.base={tmp_path / 'nowhere' / 'model'}"]) == 0
     assert "directory not found" in capsys.readouterr().out
+
+
+def test_plan_knows_the_published_shapes_without_downloading(capsys, monkeypatch):
+    import crlft.model
+
+    monkeypatch.setattr(crlft.model, "try_to_load_from_cache", lambda *a, **k: None)  # nothing downloaded, anywhere
+    assert plan_main([OPENCHAT_RECIPE, "--num_gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "mistralai/Mistral-7B-v0.1, its published shape" in out
+    assert f"{MISTRAL_7B_PARAMS:,} (7.24B) before" in out and f"{MISTRAL_7B_PARAMS_WITH_TEMPLATE:,}" in out
+    assert "→ 2" in out and "memory per GPU" in out  # the memory table, for the recipe's ZeRO stage
+    # Llama 3 8B under the openchat_3.6 template: its header and end-of-turn tokens exist, only <|pad_0|> is new.
+    llama = ["model.base=meta-llama/Meta-Llama-3-8B", "model.template=openchat_3.6", "--num_gpus", "8"]
+    assert plan_main([OPENCHAT_RECIPE, *llama]) == 0
+    out = capsys.readouterr().out
+    assert "8,030,261,248 (8.03B) before" in out
+    assert f"{8_030_261_248 + 2 * 4096:,} (8.03B) with vocabulary 128,257" in out
+
+
+def test_plan_defaults_to_this_machines_ranks(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_main([OPENCHAT_RECIPE]) == 0
+    assert "on 2 GPU(s) (no CUDA: launch.sh's CPU ranks" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert plan_main([OPENCHAT_RECIPE]) == 0
+    assert "on 4 GPU(s) (this machine's GPUs)" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert plan_main([OPENCHAT_RECIPE]) == 0
+    assert "on 16 GPU(s) ($WORLD_SIZE)" in capsys.readouterr().out

@@ -211,7 +211,9 @@ def test_resume_fingerprint_ignores_settings_free_to_change(tmp_path):
         })
 
     base = ckpt.resume_fingerprint(recipe(), "h", 2)
-    assert ckpt.resume_fingerprint(recipe(max_steps=5, save_every_steps=3, keep_last=4), "h", 2) == base
+    free = recipe(stop_after_steps=5, save_every_steps=3, keep_last=4, export_every_epoch=False)
+    assert ckpt.resume_fingerprint(free, "h", 2) == base
+    assert ckpt.resume_fingerprint(recipe(max_steps=5), "h", 2) != base  # the schedule's length
     assert ckpt.resume_fingerprint(recipe(batch_max_len=32), "h", 2) != base
     assert ckpt.resume_fingerprint(recipe(), "h", 4) != base
     assert ckpt.resume_fingerprint(recipe(), "other data", 2) != base
