@@ -21,6 +21,7 @@ import torch
 from deepspeed.utils import logger as deepspeed_logger
 
 from crlft import checkpoint as ckpt
+from crlft import reshard
 from crlft.collate import flash_attention_kwargs
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
@@ -135,6 +136,7 @@ class Run:
     total_steps: int
     planned_steps: int
     progress: Progress
+    reshard: bool = False  # resume_from was written by another number of ranks (crlft.reshard)
 
     def reached_max_steps(self) -> bool:
         """Whether ``train.max_steps`` is set and reached."""
@@ -215,17 +217,18 @@ def set_up(recipe: Recipe) -> Run:
 
     fingerprint = ckpt.resume_fingerprint(recipe, ckpt.data_fingerprint(recipe.data.output_dir), dist.world_size)
     resume_from = ckpt.resolve_resume(t.resume, t.output_dir, recipe.where("train", "resume"))
-    if resume_from is not None:
-        ckpt.check_resume_fingerprint(ckpt.read_trainer_state(resume_from)["fingerprint"], fingerprint, resume_from)
+    resharding = resume_from is not None and reshard.check_resume(recipe, fingerprint, resume_from, dist.world_size)
 
     ds_config = deepspeed_config(recipe)
+    if resharding:  # DeepSpeed reads this flag when the engine is made
+        ds_config = reshard.universal_load_config(ds_config)
     model = load_model(recipe, tokenizer, dist.device)
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
     engine = _engine(recipe, ds_config, model, lr, total_steps, dist.device)
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
                loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=resume_from, lr=lr,
                total_steps=total_steps, planned_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
-               progress=Progress(last_checkpoint=resume_from))
+               progress=Progress(last_checkpoint=resume_from), reshard=resharding)
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -252,7 +255,10 @@ def maybe_resume(run: Run) -> None:
     """Load the checkpoint chosen in :func:`set_up` (if any); drop the metrics lines logged after it."""
     progress = run.progress
     if run.resume_from is not None:
-        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank)
+        location = reshard.convert_to_universal(run.resume_from, run.dist.rank, barrier) if run.reshard else None
+        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank, location)
+        if run.reshard:
+            reshard.remove_universal(run.resume_from, run.dist.rank, barrier)
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
         progress.wandb_run_id = saved.get("wandb_run_id")
