@@ -368,10 +368,11 @@ def data_fingerprint(data_dir: str) -> str:
 def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming from it.
 
-    The data, the global batch (tokens per row and rows per step = ranks × accumulation: the plan and the loss depend
-    on the product only, so R × A may resume as R' × A' with R'·A' = R·A, ``crlft.reshard``), the order (seed), what a token means
-    (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
+    The data, the global batch (tokens per row and rows per step = ranks × accumulation: the plan and the loss
+    depend on the product only, so R × A may resume as R' × A' with R'·A' = R·A, ``crlft.reshard``), the order
+    (seed), what a token means (template, dtype) and everything that shapes the update (schedule, optimizer
+    settings, clipping, loss normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``,
+    logging, the base path.
     """
     t = recipe.train
     return {

@@ -281,7 +281,8 @@ class PackedLoader:
 
         Raises:
             UserError: if the state was saved with another seed, ``max_tokens``, rows per step (world size ×
-                gradient accumulation), dataset or planner version, or if the epoch's plan differs from the saved checksum.
+                gradient accumulation), dataset or planner version, or if the epoch's plan differs from the saved
+                checksum.
             ValueError: if the state is malformed.
         """
         if "rows_per_step" not in state and "num_ranks" in state:  # written before rows_per_step

@@ -71,9 +71,9 @@ def check_rows_per_step(trainer_state: dict[str, Any], world_size: int, grad_acc
                f"train.grad_accum = {rows} / ranks")
     raise UserError(
         f"{where}: cannot resume from {checkpoint}: it was written with {rows} rows per step "
-        f"({_ranks_times_accum(trainer_state)}), this run has {now} ({world_size} ranks × grad_accum {grad_accum}); the "
-        f"batches, the losses and the learning rate follow from rows per step. To continue exactly, {fix}; or "
-        "start a new run in another train.output_dir."
+        f"({_ranks_times_accum(trainer_state)}), this run has {now} ({world_size} ranks × grad_accum "
+        f"{grad_accum}); the batches, the losses and the learning rate follow from rows per step. To continue "
+        f"exactly, {fix}; or start a new run in another train.output_dir."
     )
 
 

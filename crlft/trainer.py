@@ -222,7 +222,7 @@ def set_up(recipe: Recipe) -> Run:
     ds_config = deepspeed_config(recipe)
     if resharding:  # DeepSpeed reads this flag when the engine is made
         ds_config = reshard.universal_load_config(ds_config)
-    model = load_model(recipe, tokenizer, dist.device)
+    model = load_model(recipe, tokenizer, dist.device, ds_config=ds_config)
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
     engine = _engine(recipe, ds_config, model, lr, total_steps, dist.device)
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
