@@ -7,13 +7,15 @@
 # Examples
 #   ./launch.sh recipes/openchat_3.5.yaml                         all GPUs of this machine
 #   ./launch.sh --num_gpus 4 recipes/openchat_3.5.yaml train.lr=1e-5
-#   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes (shared filesystem for data and runs)
+#   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes over ssh/pdsh, started from node 0
+#   ./launch.sh --hostfile hosts.txt --no_ssh --node_rank N --master_addr ADDR --master_port PORT RECIPE.yaml
+#                                           on each node N (no ssh; under SLURM, --node_rank defaults to SLURM_NODEID)
 #
 # Without CUDA, DeepSpeed runs on its CPU accelerator (gloo) with 2 ranks unless --num_gpus says otherwise, so the
 # whole path runs on a laptop (with --hostfile, its slots size the job instead). Every option before the recipe goes
 # to the `deepspeed` launcher unchanged; PYTHON picks the interpreter (default: python, else python3). The dataset
-# is prepared on this node only: with --hostfile, data.output_dir and train.output_dir must be on a filesystem all
-# nodes share.
+# is prepared once per job, on node 0: with --no_ssh the other nodes wait for it (CRLFT_PREPARE_WAIT_S, default
+# 3600 s); data.output_dir and train.output_dir must be on a filesystem all nodes share.
 set -euo pipefail
 
 usage() {
@@ -57,6 +59,21 @@ shift
 overrides=("$@")
 PYTHON="$(crlft_python)"
 
+# Without ssh every node runs this script itself; which one it is decides who prepares the data and evaluates.
+node_rank=0
+no_ssh=""
+for (( i = 0; i < ${#launcher_args[@]}; i++ )); do
+    case "${launcher_args[i]}" in
+        --no_ssh) no_ssh=1 ;;
+        --node_rank) node_rank="${launcher_args[i + 1]:-0}"; node_rank_given=1 ;;
+        --node_rank=*) node_rank="${launcher_args[i]#*=}"; node_rank_given=1 ;;
+    esac
+done
+if [[ -n "$no_ssh" && -z "${node_rank_given:-}" && -n "${SLURM_NODEID:-}" ]]; then
+    node_rank="$SLURM_NODEID"  # srun starts this script once per node
+    launcher_args+=(--node_rank "$node_rank")
+fi
+
 if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     :  # GPUs: DeepSpeed uses all of them unless --num_gpus / --include say otherwise
 else
@@ -93,7 +110,12 @@ case " ${launcher_args[*]-} " in
     *) launcher_args+=(--master_port "$("$PYTHON" -c 'from crlft.dist import free_port; print(free_port())' 2>/dev/null)") ;;
 esac
 
-"$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
+if [[ "$node_rank" == "0" ]]; then
+    "$PYTHON" -m crlft prepare "$recipe" ${overrides[@]+"${overrides[@]}"}
+else
+    echo "launch.sh: node ${node_rank}: waiting for node 0 to prepare the dataset"
+    "$PYTHON" -m crlft prepare --wait "${CRLFT_PREPARE_WAIT_S:-3600}" "$recipe" ${overrides[@]+"${overrides[@]}"}
+fi
 
 deepspeed_bin="$(dirname "$(command -v "$PYTHON")")/deepspeed"
 if [[ ! -x "$deepspeed_bin" ]]; then
@@ -106,6 +128,6 @@ fi
 # that cannot be read stops here with its error, never skips the evaluation silently.)
 has_prompts="$("$PYTHON" -c 'import sys; from crlft.recipe import load_recipe; print("yes" if load_recipe(sys.argv[1], sys.argv[2:]).eval.prompts else "no")' \
     "$recipe" ${overrides[@]+"${overrides[@]}"})"
-if [[ "$has_prompts" == "yes" ]]; then
+if [[ "$has_prompts" == "yes" && "$node_rank" == "0" ]]; then
     "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"}
 fi

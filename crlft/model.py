@@ -262,7 +262,7 @@ def _load_partitioned(model_dir: str, dtype: torch.dtype, attn: str, ds_config: 
 
     transformers' ``resize_token_embeddings`` would replace ZeRO-3 embeddings by full, unpartitioned ones (until
     ``deepspeed.initialize``), so the model is created at its final vocabulary instead. The ``HfDeepSpeedConfig``
-    stays referenced by the model: while it lives, transformers keeps treating the model as ZeRO-3.
+    is alive while the model is made and loaded, and only then.
     """
     from transformers import AutoConfig
 
@@ -286,7 +286,9 @@ def _load_partitioned(model_dir: str, dtype: torch.dtype, attn: str, ds_config: 
         # from_config does not read generation_config.json; from_pretrained (the other path) does.
         if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    model._crlft_hf_deepspeed_config = hf_ds_config
+    # Only while loading: a live HfDeepSpeedConfig would make every later model of this process (an export on
+    # rank 0 alone) a ZeRO-3 one, whose collectives the other ranks never join.
+    zero3_load.forget_hf_deepspeed_config(hf_ds_config)
     return model
 
 

@@ -41,6 +41,14 @@ def hf_deepspeed_config(ds_config: dict[str, Any]) -> Any:
     return HfDeepSpeedConfig(config)
 
 
+def forget_hf_deepspeed_config(config: Any) -> None:
+    """Turn transformers' ZeRO-3 mode off again (it lasts while an ``HfDeepSpeedConfig`` is referenced)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    del config
+    unset_hf_deepspeed_config()
+
+
 def is_partitioned(param: torch.nn.Parameter) -> bool:
     """Whether ``param`` is a ZeRO-3 parameter whose data is this rank's partition only."""
     return hasattr(param, "ds_tensor") and hasattr(param, "ds_numel")
@@ -173,6 +181,7 @@ def memory_line(model: torch.nn.Module, rank: int, device: torch.device | str) -
 
 
 __all__ = [
+    "forget_hf_deepspeed_config",
     "full_numel",
     "full_shape",
     "gathered",
