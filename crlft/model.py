@@ -203,7 +203,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
 
     Creates the base first when ``model.create_if_missing`` asks for it (:func:`ensure_base_model`). With
     ``zero_stage: 3`` and ``ds_config`` given, the model is created partitioned and each rank reads only its part
-    of the weights (``crlft.zero3_load``); every rank then logs the memory it holds.
+    of the weights (``crlft.zero3_load``). Every rank logs the memory it holds after loading.
 
     Args:
         recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
@@ -220,6 +220,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         UserError: a base that is missing or not cached, or settings this machine cannot run.
     """
     ensure_base_model(recipe)
+    rss_before, _ = zero3_load.host_memory_bytes()
     where = recipe.where("model", "base")
     model_dir = resolve_model_dir(recipe.model.base, where)
     dtype = model_dtype(recipe)
@@ -250,9 +251,8 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
         + (", created partitioned (ZeRO-3)" if zero3 else "")
     )
-    if zero3:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device()))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device(), rss_before))
     return model
 
 

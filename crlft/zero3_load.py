@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
-# Every rank reports its own memory after loading (crlft's other INFO lines are rank 0's only).
+# Every rank reports its own memory after loading (crlft's other INFO lines are rank 0's only), any ZeRO stage.
 memory_logger = logging.getLogger("crlft.zero3_load.memory")
 memory_logger.setLevel(logging.INFO)
 
@@ -165,13 +165,14 @@ def host_memory_bytes() -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-def memory_line(model: torch.nn.Module, rank: int, device: torch.device | str) -> str:
-    """One line: this rank's host, parameters held, host memory now and peak, device memory (when not the CPU)."""
+def memory_line(model: torch.nn.Module, rank: int, device: torch.device | str, rss_before: int = 0) -> str:
+    """One line: this rank's host, parameters held, host memory now, peak and before loading, device memory."""
     held = sum(p.ds_tensor.numel() if is_partitioned(p) else p.numel() for p in model.parameters())
     total = sum(full_numel(p) for p in model.parameters())
     rss, peak = host_memory_bytes()
     line = (f"memory after loading, rank {rank} on {socket.gethostname()}: holds {held / 1e6:,.1f}M of "
-            f"{total / 1e6:,.1f}M parameters; host RSS {rss / 2**30:.2f} GiB (peak {peak / 2**30:.2f} GiB)")
+            f"{total / 1e6:,.1f}M parameters; host RSS {rss / 2**30:.2f} GiB (peak {peak / 2**30:.2f} GiB, "
+            f"before loading {rss_before / 2**30:.2f} GiB)")
     if torch.device(device).type == "cuda":
         line += (f"; device {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated "
                  f"(peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB)")
