@@ -3,8 +3,8 @@
 Under ``zero_stage: 3`` the model is built inside ``deepspeed.zero.Init`` (transformers does so while an
 ``HfDeepSpeedConfig`` is alive): every parameter is partitioned as soon as its module exists, so a rank holds
 ``1/N`` of the weights plus one module at a time. The checkpoint is then read *per partition*: each rank opens
-the safetensors files (memory-mapped) and copies only the flat slice ``[rank·p, (rank+1)·p)`` of each tensor
-into its own ``ds_tensor``, reading the rows that hold it. No rank reads the whole checkpoint, no collective is
+the safetensors files and reads only the flat slice ``[rank·p, (rank+1)·p)`` of each tensor (one contiguous byte
+range of the row-major data) into its own ``ds_tensor``. No rank reads the whole checkpoint, no collective is
 needed, and the values are exactly those ``from_pretrained`` would load (the same ``.to(dtype)`` cast).
 transformers' own ZeRO-3 loading (used for checkpoints that are not safetensors, or whose names do not match the
 model's parameters) has rank 0 read the whole state dict and broadcast it layer by layer: correct, but rank 0
@@ -77,31 +77,57 @@ def gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = 0):
         yield
 
 
-def _safetensors_index(model_dir: str) -> dict[str, str] | None:
-    """Tensor name → safetensors file of a model directory, or None when it has no safetensors weights."""
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
+    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file (JSON only)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _safetensors_index(model_dir: str) -> dict[str, tuple[str, int, dict[str, Any]]] | None:
+    """Tensor name → (file, data offset, header entry) of a model directory; None without safetensors weights."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
-            return {name: os.path.join(model_dir, file) for name, file in json.load(f)["weight_map"].items()}
-    single = os.path.join(model_dir, "model.safetensors")
-    if os.path.isfile(single):
-        from safetensors import safe_open
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    out = {}
+    for file in files:
+        path = os.path.join(model_dir, file)
+        offset, header = _safetensors_header(path)
+        out.update({name: (path, offset, entry) for name, entry in header.items()})
+    return out
 
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    return None
 
+def _read_flat_slice(path: str, data_offset: int, entry: dict[str, Any], start: int, end: int) -> torch.Tensor:
+    """Elements ``[start, end)`` of a row-major tensor, read with ``pread`` (a contiguous byte range).
 
-def _read_flat_slice(handle: Any, name: str, start: int, end: int) -> torch.Tensor:
-    """Elements ``[start, end)`` of tensor ``name`` flattened, reading only the rows that hold them."""
-    sliced = handle.get_slice(name)
-    shape = sliced.get_shape()
-    if len(shape) <= 1:
-        return sliced[start:end].reshape(-1) if shape else handle.get_tensor(name).reshape(-1)[start:end]
-    row = math.prod(shape[1:])
-    first, last = start // row, -(-end // row)
-    rows = sliced[first:last].reshape(-1)
-    return rows[start - first * row : end - first * row]
+    A plain read, not a memory map: mapped pages a rank touched would count in its resident set until unmapped.
+    """
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    size = torch.empty((), dtype=dtype).element_size()
+    first = data_offset + entry["data_offsets"][0] + start * size
+    buffer = bytearray((end - start) * size)
+    with open(path, "rb", buffering=0) as f:
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            n = os.preadv(f.fileno(), [view[done:]], first + done)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file")
+            done += n
+    return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
 
 
 def load_partitioned_weights(model: torch.nn.Module, model_dir: str, grown: frozenset[str] = frozenset()) -> bool:
@@ -114,40 +140,32 @@ def load_partitioned_weights(model: torch.nn.Module, model_dir: str, grown: froz
             rows are loaded into them, the others keep their values (the caller sets them).
 
     Returns:
-        False (nothing loaded) when the directory has no safetensors weights or a parameter's name or shape is not
-        in them; the caller then uses transformers' own loading.
+        False (nothing loaded) when the directory has no safetensors weights or a parameter's name, shape or dtype
+        is not in them; the caller then uses transformers' own loading.
     """
-    from safetensors import safe_open
-
     index = _safetensors_index(model_dir)
     params = dict(model.named_parameters())  # tied weights appear once
     if index is None or not all(is_partitioned(p) for p in params.values()):
         return False
-    handles: dict[str, Any] = {}
-    try:
-        plan = []
-        for name, param in params.items():
-            if name not in index:
-                return False
-            handle = handles.get(index[name]) or handles.setdefault(index[name],
-                                                                     safe_open(index[name], framework="pt"))
-            saved, wanted = list(handle.get_slice(name).get_shape()), list(full_shape(param))
-            if saved != wanted and not (name in grown and saved[1:] == wanted[1:] and saved[0] < wanted[0]):
-                return False
-            plan.append((name, param, handle, math.prod(saved)))
-        for name, param, handle, saved_numel in plan:
-            rank = torch.distributed.get_rank(group=param.ds_process_group)
-            part = param.ds_tensor.numel()
-            start = rank * part
-            end = min(start + part, full_numel(param))
-            stored = min(end, saved_numel)  # rows past the checkpoint's (grown embeddings) are left as they are
-            with torch.no_grad():
-                if end < start + part:
-                    param.ds_tensor.data[max(end - start, 0):].zero_()  # the padding of the last partition
-                if stored > start:
-                    param.ds_tensor.data[: stored - start].copy_(_read_flat_slice(handle, name, start, stored))
-    finally:
-        handles.clear()  # safe_open handles unmap when collected
+    for name, param in params.items():
+        if name not in index or index[name][2]["dtype"] not in _SAFETENSORS_DTYPES:
+            return False
+        saved, wanted = list(index[name][2]["shape"]), list(full_shape(param))
+        if saved != wanted and not (name in grown and saved[1:] == wanted[1:] and saved[0] < wanted[0]):
+            return False
+    for name, param in params.items():
+        path, offset, entry = index[name]
+        rank = torch.distributed.get_rank(group=param.ds_process_group)
+        part = param.ds_tensor.numel()
+        start = rank * part
+        end = min(start + part, full_numel(param))
+        stored = min(end, math.prod(entry["shape"]))  # rows past the checkpoint's (grown embeddings) stay as they are
+        with torch.no_grad():
+            if end < start + part:
+                param.ds_tensor.data[max(end - start, 0):].zero_()  # the padding of the last partition
+            if stored > start:
+                # The same cast from_pretrained(dtype=...) applies.
+                param.ds_tensor.data[: stored - start].copy_(_read_flat_slice(path, offset, entry, start, stored))
     return True
 
 
