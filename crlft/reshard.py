@@ -171,8 +171,9 @@ def remove_universal(checkpoint: str, rank: int, barrier: Any) -> None:
     if rank == 0:
         shutil.rmtree(universal_dir(checkpoint), ignore_errors=True)
         parent = os.path.dirname(universal_dir(checkpoint))
-        if os.path.isdir(parent) and not os.listdir(parent):
-            os.rmdir(parent)
+        # ds_to_universal also writes `latest_universal` beside its output; nothing else lives in .universal.
+        if os.path.isdir(parent) and set(os.listdir(parent)) <= {"latest_universal"}:
+            shutil.rmtree(parent, ignore_errors=True)
 
 
 __all__ = [
