@@ -84,14 +84,21 @@ def _resharded_chain(reference: dict, tmp) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chains(zero2_e2e_run, zero3_reference, tmp_path_factory):
-    return {stage: (reference, _resharded_chain(reference, tmp_path_factory.mktemp(f"chain_{stage}")))
-            for stage, reference in (("zero2", zero2_e2e_run), ("zero3", zero3_reference))}
+def chains():
+    """(reference, resharded chain) per ZeRO stage, each made when a test first asks for it."""
+    return {}
+
+
+def _chain(stage: str, request, chains, tmp_path_factory):
+    if stage not in chains:
+        reference = request.getfixturevalue({"zero2": "zero2_e2e_run", "zero3": "zero3_reference"}[stage])
+        chains[stage] = (reference, _resharded_chain(reference, tmp_path_factory.mktemp(f"chain_{stage}")))
+    return chains[stage]
 
 
 @pytest.fixture(params=["zero2", "zero3"])
-def chain(request, chains):
-    return chains[request.param]
+def chain(request, chains, tmp_path_factory):
+    return _chain(request.param, request, chains, tmp_path_factory)
 
 
 def test_both_legs_resharded(chain):
@@ -132,13 +139,14 @@ def test_zero3_partitioned_loading_trains_like_zero2(zero3_reference, zero2_e2e_
     assert "holds 2.1M of 4.2M parameters" in zero3_reference["log"]
 
 
-def test_other_rows_per_step_are_refused_naming_the_grad_accum_that_fits(chains, monkeypatch):
+def test_other_rows_per_step_are_refused_naming_the_grad_accum_that_fits(request, chains, tmp_path_factory,
+                                                                          monkeypatch):
     """In this process (world of one, grad_accum 1: 1 row per step against the checkpoint's 2)."""
     from crlft.errors import UserError
     from crlft.recipe import load_recipe
     from crlft.trainer import train
 
-    reference, ours = chains["zero2"]
+    reference, ours = _chain("zero3", request, chains, tmp_path_factory)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
