@@ -8,13 +8,16 @@
 # Examples
 #   ./launch.sh recipes/openchat_3.5.yaml                         all GPUs of this machine
 #   ./launch.sh --num_gpus 4 recipes/openchat_3.5.yaml train.lr=1e-5
-#   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes (shared filesystem for data and runs)
+#   ./launch.sh --hostfile hosts.txt recipes/openchat_3.5.yaml    many nodes over ssh/pdsh, started from node 0
+#   ./launch.sh --hostfile hosts.txt --no_ssh --node_rank N --master_addr ADDR --master_port PORT RECIPE.yaml
+#                                           on each node N (no ssh; under SLURM, --node_rank defaults to SLURM_NODEID)
 #
 # Without CUDA, DeepSpeed runs on its CPU accelerator (gloo) with 2 ranks unless --num_gpus says otherwise, so the
 # whole path runs on a laptop (with --hostfile, its slots size the job instead). Every option before the recipe goes
 # to the `deepspeed` launcher unchanged; PYTHON picks the interpreter (default: python, else python3). The dataset
-# is prepared on this node only: with --hostfile, data.output_dir and train.output_dir must be on a filesystem all
-# nodes share. --debug (or CRLFT_DEBUG=1) shows tracebacks and DeepSpeed's own log lines, which a CPU run hides.
+# is prepared once per job, on node 0: with --no_ssh the other nodes wait for it (CRLFT_PREPARE_WAIT_S, default
+# 3600 s); data.output_dir and train.output_dir must be on a filesystem all nodes share. --debug (or CRLFT_DEBUG=1)
+# shows tracebacks and DeepSpeed's own log lines, which a CPU run hides.
 set -euo pipefail
 
 usage() {
@@ -58,6 +61,21 @@ recipe="$1"
 shift
 overrides=("$@")
 PYTHON="$(crlft_python)"
+
+# Without ssh every node runs this script itself; which one it is decides who prepares the data and evaluates.
+node_rank=0
+no_ssh=""
+for (( i = 0; i < ${#launcher_args[@]}; i++ )); do
+    case "${launcher_args[i]}" in
+        --no_ssh) no_ssh=1 ;;
+        --node_rank) node_rank="${launcher_args[i + 1]:-0}"; node_rank_given=1 ;;
+        --node_rank=*) node_rank="${launcher_args[i]#*=}"; node_rank_given=1 ;;
+    esac
+done
+if [[ -n "$no_ssh" && -z "${node_rank_given:-}" && -n "${SLURM_NODEID:-}" ]]; then
+    node_rank="$SLURM_NODEID"  # srun starts this script once per node
+    launcher_args+=(--node_rank "$node_rank")
+fi
 
 # How many ranks the launcher will start, when this script can tell (the resume check compares it with the
 # checkpoint's); empty when --include/--exclude/--num_nodes or a GPU hostfile leave it to the launcher.
@@ -124,16 +142,24 @@ case " ${launcher_args[*]-} " in
     *) launcher_args+=(--master_port "$port") ;;
 esac
 
-# `crlft prepare` (skipped when the dataset is up to date), then, before any rank starts: a run that is already
-# complete says so and ends here (exit 0); a resume the recipe cannot do is refused once, here, not by every rank
-# after minutes of start-up. One process for both.
+# `crlft prepare` once per job (node 0; the other nodes wait for its complete dataset), then, before any rank
+# starts: a run that is already complete says so and ends here (exit 0); a resume the recipe cannot do is refused
+# once, here, not by every rank after minutes of start-up.
 preflight=0
-"$PYTHON" -m crlft preflight --prepare "$recipe" ${world_size:+--num_gpus "$world_size"} \
-    ${overrides[@]+"${overrides[@]}"} || preflight=$?
+if [[ "$node_rank" == "0" ]]; then
+    "$PYTHON" -m crlft preflight --prepare "$recipe" ${world_size:+--num_gpus "$world_size"} \
+        ${overrides[@]+"${overrides[@]}"} || preflight=$?
+else
+    echo "launch.sh: node ${node_rank}: waiting for node 0 to prepare the dataset"
+    "$PYTHON" -m crlft prepare --wait "${CRLFT_PREPARE_WAIT_S:-3600}" "$recipe" ${overrides[@]+"${overrides[@]}"}
+    "$PYTHON" -m crlft preflight "$recipe" ${world_size:+--num_gpus "$world_size"} \
+        ${overrides[@]+"${overrides[@]}"} || preflight=$?
+fi
 case "$preflight" in
     0) ;;
     10) exit 0 ;;
-    11) exec "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"} ;;
+    11) if [[ "$node_rank" == "0" ]]; then exec "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"}; fi
+        exit 0 ;;
     *) exit "$preflight" ;;
 esac
 
@@ -148,6 +174,6 @@ fi
 # that cannot be read stops here with its error, never skips the evaluation silently.)
 has_prompts="$("$PYTHON" -c 'import sys; from crlft.recipe import load_recipe; print("yes" if load_recipe(sys.argv[1], sys.argv[2:]).eval.prompts else "no")' \
     "$recipe" ${overrides[@]+"${overrides[@]}"})"
-if [[ "$has_prompts" == "yes" ]]; then
+if [[ "$has_prompts" == "yes" && "$node_rank" == "0" ]]; then
     "$PYTHON" -m crlft eval "$recipe" ${overrides[@]+"${overrides[@]}"}
 fi

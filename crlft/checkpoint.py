@@ -369,8 +369,16 @@ def _disk_full_reported(path: str, output_dir: str):
         ) from None
 
 
-def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
+def load_checkpoint(engine: Any, checkpoint: str, rank: int,
+                    deepspeed_location: tuple[str, str] | None = None) -> dict[str, Any]:
     """Load model, optimizer and scheduler states into ``engine`` and this rank's RNG states; every rank calls it.
+
+    Args:
+        engine: the DeepSpeed engine.
+        checkpoint: the crlft checkpoint directory.
+        rank: this process's global rank.
+        deepspeed_location: ``(load_dir, tag)`` of DeepSpeed's states when they are read from elsewhere (the
+            universal form of a checkpoint written by another number of ranks, ``crlft.reshard``).
 
     Returns:
         The checkpoint's trainer state.
@@ -379,7 +387,7 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
         UserError: a checkpoint DeepSpeed cannot load (e.g. written by another number of ranks).
     """
     state = read_trainer_state(checkpoint)
-    root, tag = os.path.split(os.path.normpath(checkpoint))
+    root, tag = deepspeed_location or os.path.split(os.path.normpath(checkpoint))
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
@@ -426,19 +434,19 @@ def data_fingerprint(data_dir: str) -> str:
 def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[str, Any]:
     """What must not change between a checkpoint and the run resuming from it.
 
-    The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
-    (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation, the schedule's length ``max_steps``). Free to change: ``stop_after_steps``, ``save_every_steps``,
-    ``keep_last``, exports, logging, the base path.
+    The data, the global batch (tokens per row and rows per step = ranks × accumulation: the plan and the loss
+    depend on the product only, so R × A may resume as R' × A' with R'·A' = R·A, ``crlft.reshard``), the order
+    (seed), what a token means (template, dtype) and everything that shapes the update (schedule, optimizer
+    settings, clipping, loss normalisation, the schedule's length ``max_steps``). Free to change:
+    ``stop_after_steps``, ``save_every_steps``, ``keep_last``, exports, logging, the base path.
     """
     t = recipe.train
     return {
         "data": data_hash,
         "template": recipe.model.template,
         "dtype": recipe.model.dtype,
-        "world_size": world_size,
+        "rows_per_step": world_size * t.grad_accum,
         "batch_max_len": t.batch_max_len,
-        "grad_accum": t.grad_accum,
         "seed": t.seed,
         "epochs": t.epochs,
         "max_steps": t.max_steps,

@@ -64,11 +64,18 @@ def prepare_main(argv: list[str]) -> int:
     parser = _recipe_parser("crlft prepare", "Tokenize the recipe's sources into a training dataset "
                             "(data.output_dir) and print what was kept and dropped.")
     parser.add_argument("--force", action="store_true", help="regenerate even when the output is up to date")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="prepare nothing: wait up to SECONDS for another node (node 0) to prepare it")
     args = parser.parse_args(argv)
     from crlft.prepare import prepare
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_datasets()
+    if args.wait is not None:
+        from crlft.prepare import wait_for_prepared
+
+        wait_for_prepared(recipe, args.wait)
+        return 0
     prepare(recipe, force=args.force)
     return 0
 

@@ -213,8 +213,8 @@ class PackedLoader:
             "plan_version": _PLAN_VERSION,
             "seed": self.seed,
             "max_tokens": self.max_tokens,
-            "num_ranks": self.num_ranks,
-            "grad_accum": self.grad_accum,
+            # The plan is made for num_ranks × grad_accum virtual ranks: only the product decides the batches.
+            "rows_per_step": self.num_ranks * self.grad_accum,
             "num_conversations": len(self.lengths),
             "lengths_crc32": zlib.crc32(self.lengths.tobytes()),
         }
@@ -280,10 +280,13 @@ class PackedLoader:
         """Continues from a saved position; the next iteration starts there.
 
         Raises:
-            UserError: if the state was saved with another seed, ``max_tokens``, world size, gradient
-                accumulation, dataset or planner version, or if the epoch's plan differs from the saved checksum.
+            UserError: if the state was saved with another seed, ``max_tokens``, rows per step (world size ×
+                gradient accumulation), dataset or planner version, or if the epoch's plan differs from the saved
+                checksum.
             ValueError: if the state is malformed.
         """
+        if "rows_per_step" not in state and "num_ranks" in state:  # written before rows_per_step
+            state = {**state, "rows_per_step": state["num_ranks"] * state.get("grad_accum", 1)}
         mismatched = [
             f"{key}: saved {state.get(key)!r}, now {value!r}"
             for key, value in self._fingerprint.items()

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, MistralConfig, MistralForCausalLM
 
-from crlft import attention
+from crlft import attention, zero3_load
 from crlft.config import Recipe
 from crlft.errors import UserError
 from crlft.tokenizer import build_tokenizer
@@ -107,10 +107,31 @@ def choose_attn_implementation(
 
 
 def _set_new_rows_to_mean(weight: torch.Tensor, old_num_rows: int) -> None:
-    """Rows ``old_num_rows:`` of a ``[vocab, hidden]`` weight := the fp32 mean of rows ``:old_num_rows``."""
-    with torch.no_grad():
-        mean = weight[:old_num_rows].float().mean(dim=0)
-        weight[old_num_rows:] = mean.to(weight.dtype)
+    """Rows ``old_num_rows:`` of a ``[vocab, hidden]`` weight := the fp32 mean of rows ``:old_num_rows``.
+
+    A ZeRO-3 weight is gathered for this (rank 0 computes, its rows are partitioned again on exit).
+    """
+    with zero3_load.gathered([weight], modifier_rank=0), torch.no_grad():
+        if not zero3_load.is_partitioned(weight) or torch.distributed.get_rank() == 0:
+            mean = weight[:old_num_rows].float().mean(dim=0)
+            weight[old_num_rows:] = mean.to(weight.dtype)
+
+
+def _set_new_embedding_rows_to_mean(model: nn.Module, old_num_rows: int) -> None:
+    """Rows ``old_num_rows:`` of the input and (untied) output embeddings := the mean of the rows before."""
+    input_weight = model.get_input_embeddings().weight
+    _set_new_rows_to_mean(input_weight, old_num_rows)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not input_weight:
+        _set_new_rows_to_mean(output.weight, old_num_rows)
+        bias = getattr(output, "bias", None)
+        if bias is not None:
+            with zero3_load.gathered([bias], modifier_rank=0), torch.no_grad():
+                if not zero3_load.is_partitioned(bias) or torch.distributed.get_rank() == 0:
+                    bias[old_num_rows:] = bias[:old_num_rows].float().mean().to(bias.dtype)
+    num_rows = zero3_load.full_shape(input_weight)[0]
+    logger.info(f"embeddings: {old_num_rows} → {num_rows} rows; the {num_rows - old_num_rows} new rows are the mean "
+                "of the old ones")
 
 
 def resize_embeddings_with_mean(model: nn.Module, num_tokens: int) -> int:
@@ -126,22 +147,13 @@ def resize_embeddings_with_mean(model: nn.Module, num_tokens: int) -> int:
     Returns:
         The number of rows added (0 if none).
     """
-    old_num_rows = model.get_input_embeddings().weight.shape[0]
+    old_num_rows = zero3_load.full_shape(model.get_input_embeddings().weight)[0]
     if num_tokens <= old_num_rows:
         return 0
     # mean_resizing=False: transformers initialises the new rows randomly (its normal init), we overwrite them.
     model.resize_token_embeddings(num_tokens, mean_resizing=False)
-    input_weight = model.get_input_embeddings().weight
-    _set_new_rows_to_mean(input_weight, old_num_rows)
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not input_weight:
-        _set_new_rows_to_mean(output.weight, old_num_rows)
-        if getattr(output, "bias", None) is not None:
-            with torch.no_grad():
-                output.bias[old_num_rows:] = output.bias[:old_num_rows].float().mean().to(output.bias.dtype)
-    added = num_tokens - old_num_rows
-    logger.info(f"embeddings: {old_num_rows} → {num_tokens} rows; the {added} new rows are the mean of the old ones")
-    return added
+    _set_new_embedding_rows_to_mean(model, old_num_rows)
+    return num_tokens - old_num_rows
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -185,10 +197,13 @@ def model_dtype(recipe: Recipe) -> torch.dtype:
     return dtype
 
 
-def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None = None):
+def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None = None,
+               ds_config: dict[str, Any] | None = None):
     """Loads the recipe's base model ready to train with ``tokenizer``.
 
-    Creates the base first when ``model.create_if_missing`` asks for it (:func:`ensure_base_model`).
+    Creates the base first when ``model.create_if_missing`` asks for it (:func:`ensure_base_model`). With
+    ``zero_stage: 3`` and ``ds_config`` given, the model is created partitioned and each rank reads only its part
+    of the weights (``crlft.zero3_load``). Every rank logs the memory it holds after loading.
 
     Args:
         recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
@@ -196,6 +211,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         tokenizer: the tokenizer from ``crlft.tokenizer.load_tokenizer`` (holds the template's special tokens).
         device: where the model will train, for the attention choice; default :func:`training_device`. The model
             itself is returned on the CPU (DeepSpeed moves it).
+        ds_config: the run's DeepSpeed configuration (for ZeRO-3's partitioned creation).
 
     Returns:
         The ``PreTrainedModel``, in train mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
@@ -204,13 +220,18 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         UserError: a base that is missing or not cached, or settings this machine cannot run.
     """
     ensure_base_model(recipe)
+    rss_before, _ = zero3_load.host_memory_bytes()
     where = recipe.where("model", "base")
     model_dir = resolve_model_dir(recipe.model.base, where)
     dtype = model_dtype(recipe)
     attn = choose_attn_implementation(recipe.model.attn_implementation, device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=attn, local_files_only=True
-    )
+    zero3 = ds_config is not None and recipe.deepspeed.zero_stage == 3
+    if zero3:
+        model = _load_partitioned(model_dir, dtype, attn, ds_config, len(tokenizer))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn, local_files_only=True
+        )
     # Packed rows are attended correctly only without a cache; training never needs one.
     model.config.use_cache = False
     resize_embeddings_with_mean(model, len(tokenizer))
@@ -224,11 +245,50 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         # Non-reentrant: works with inputs that do not require grad and with ZeRO-3's parameter hooks.
         enable_gradient_checkpointing(model)
     model.train()
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(zero3_load.full_numel(p) for p in model.parameters())
     logger.info(
         f"model: {model_dir} ({model.config.model_type}), {num_params / 1e6:,.1f}M parameters, {dtype}, "
         f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
+        + (", created partitioned (ZeRO-3)" if zero3 else "")
     )
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device(), rss_before))
+    return model
+
+
+def _load_partitioned(model_dir: str, dtype: torch.dtype, attn: str, ds_config: dict[str, Any], num_tokens: int):
+    """The model built under ``deepspeed.zero.Init`` with ``num_tokens`` embedding rows, each rank reading its own
+    partition of the weights; new token rows = the mean of the old ones, computed on the gathered rows.
+
+    transformers' ``resize_token_embeddings`` would replace ZeRO-3 embeddings by full, unpartitioned ones (until
+    ``deepspeed.initialize``), so the model is created at its final vocabulary instead. The ``HfDeepSpeedConfig``
+    is alive while the model is made and loaded, and only then.
+    """
+    from transformers import AutoConfig
+
+    hf_ds_config = zero3_load.hf_deepspeed_config(ds_config)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    old_rows = int(config.vocab_size)
+    config.vocab_size = max(old_rows, num_tokens)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    embeddings = {name for name, p in model.named_parameters()
+                  if any(p is m.weight or p is getattr(m, "bias", None)
+                         for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None)}
+    if not zero3_load.load_partitioned_weights(model, model_dir, grown=frozenset(embeddings)):
+        logger.info(f"{model_dir}: no safetensors weights matching the model; transformers' ZeRO-3 loading "
+                    "(rank 0 reads the whole checkpoint)")
+        del model
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True)
+    else:
+        if num_tokens > old_rows:
+            _set_new_embedding_rows_to_mean(model, old_rows)
+        # from_config does not read generation_config.json; from_pretrained (the other path) does.
+        if os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    # Only while loading: a live HfDeepSpeedConfig would make every later model of this process (an export on
+    # rank 0 alone) a ZeRO-3 one, whose collectives the other ranks never join.
+    zero3_load.forget_hf_deepspeed_config(hf_ds_config)
     return model
 
 

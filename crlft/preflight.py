@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crlft import checkpoint as ckpt
+from crlft import reshard
 from crlft.config import Recipe
 from crlft.errors import UserError
 
@@ -36,13 +37,13 @@ class ResumePoint:
     state: dict[str, Any] | None
 
 
-def resume_point(recipe: Recipe, fingerprint: dict[str, Any], ignore: tuple[str, ...] = ()) -> ResumePoint:
+def resume_point(recipe: Recipe, fingerprint: dict[str, Any], world_size: int | None) -> ResumePoint:
     """The checkpoint ``train.resume`` picks, checked against the run's resume fingerprint.
 
     Args:
         recipe: the recipe.
         fingerprint: ``crlft.checkpoint.resume_fingerprint`` of the run about to start.
-        ignore: fingerprint fields not known here (``world_size`` before the launcher has counted the ranks).
+        world_size: ranks of the run (None before the launcher has counted them: rows per step are not checked).
 
     Raises:
         ResumeRefused: the checkpoint differs from the recipe in a field that matters (every one named).
@@ -53,9 +54,14 @@ def resume_point(recipe: Recipe, fingerprint: dict[str, Any], ignore: tuple[str,
     if checkpoint is None:
         return ResumePoint(None, 0, None)
     state = ckpt.read_trainer_state(checkpoint)
-    saved = {k: v for k, v in state.get("fingerprint", {}).items() if k not in ignore}
+    # Rows per step (ranks × grad_accum) decide the run, not ranks alone: another GPU count resumes (crlft.reshard).
+    ignore = () if world_size else ("rows_per_step",)
+    saved = {k: v for k, v in reshard.normalise_fingerprint(state.get("fingerprint", {})).items() if k not in ignore}
     current = {k: v for k, v in fingerprint.items() if k not in ignore}
     try:
+        if world_size:
+            reshard.check_rows_per_step(state, world_size, t.grad_accum, checkpoint,
+                                        recipe.where("train", "grad_accum"))
         ckpt.check_resume_fingerprint(saved, current, checkpoint)
     except UserError as error:
         raise ResumeRefused(str(error)) from None
@@ -131,7 +137,7 @@ def preflight(recipe: Recipe, world_size: int | None, log=print) -> int:
     """
     data_hash = ckpt.data_fingerprint(recipe.data.output_dir)
     fingerprint = ckpt.resume_fingerprint(recipe, data_hash, world_size or 0)
-    point = resume_point(recipe, fingerprint, ignore=() if world_size else ("world_size",))
+    point = resume_point(recipe, fingerprint, world_size)
     message = complete_message(recipe, point, stop_at_from_checkpoint(recipe, point))
     if message is None:
         if point.checkpoint is not None:

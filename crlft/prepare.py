@@ -285,6 +285,45 @@ def _map_source(records, job: SourceJob, tokenizer, num_proc: int, cache_file: s
             os.environ["TOKENIZERS_PARALLELISM"] = saved_parallelism
 
 
+def wait_for_prepared(recipe: Recipe, timeout_s: float, poll_s: float = 2.0,
+                      log: Callable[[str], None] = print) -> str:
+    """Wait until another node has prepared ``data.output_dir`` for this recipe (``crlft prepare --wait``).
+
+    On several nodes only node 0 prepares; the others wait here for a complete dataset made from exactly these
+    inputs (``prepare`` writes it in a sibling directory and renames it into place, with its metadata). The
+    inputs are hashed again only when ``crlft_meta.json`` changes, so waiting costs nothing on large data.
+
+    Raises:
+        UserError: no such dataset after ``timeout_s`` seconds, with what to check.
+    """
+    output_dir = recipe.data.output_dir
+    meta_path = os.path.join(output_dir, META_FILE)
+    deadline = time.monotonic() + timeout_s
+    last_seen = None
+    while True:
+        try:
+            stat = os.stat(meta_path)
+            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            seen = None
+        if seen is not None and seen != last_seen:
+            last_seen = seen
+            try:
+                if is_prepared(recipe):
+                    log(f"{output_dir}: prepared by node 0 ({len(load_prepared(recipe, check=False))} rows)")
+                    return output_dir
+            except (OSError, UserError, ValueError):
+                pass  # sources or dataset still being written by node 0
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"{recipe.where('data', 'output_dir')}: waited {timeout_s:g} s for node 0 to prepare {output_dir} "
+                "for this recipe, and it is not there (or was made from other inputs). data.output_dir and the "
+                "sources must be on a filesystem every node shares, and node 0 must run the same recipe and "
+                "overrides; see node 0's log (or raise CRLFT_PREPARE_WAIT_S)."
+            )
+        time.sleep(poll_s)
+
+
 def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
             log: Callable[[str], None] = print, stats: dict[str, Any] | None = None) -> str:
     """Tokenize the recipe's sources into ``data.output_dir`` (or reuse it when its inputs are unchanged).

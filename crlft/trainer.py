@@ -21,6 +21,7 @@ import torch
 from deepspeed.utils import logger as deepspeed_logger
 
 from crlft import checkpoint as ckpt
+from crlft import reshard
 from crlft.collate import flash_attention_kwargs
 from crlft.conditions import inference_template
 from crlft.config import Recipe, deepspeed_config
@@ -142,6 +143,7 @@ class Run:
     planned_steps: int
     progress: Progress
     guard: NonFiniteGuard
+    reshard: bool = False  # resume_from was written by another number of ranks (crlft.reshard)
 
     def reached_stop(self) -> bool:
         """Whether the run has done all its steps (``planned_steps``: the schedule, or ``train.stop_after_steps``)."""
@@ -237,7 +239,7 @@ def set_up(recipe: Recipe) -> Run:
         logger.warning(few_steps)
 
     fingerprint = ckpt.resume_fingerprint(recipe, ckpt.data_fingerprint(recipe.data.output_dir), dist.world_size)
-    point = resume_point(recipe, fingerprint)
+    point = resume_point(recipe, fingerprint, dist.world_size)
     done = complete_message(recipe, point, length.stop_at)
     if done is not None:
         logger.info(done)
@@ -245,10 +247,16 @@ def set_up(recipe: Recipe) -> Run:
         torch.distributed.destroy_process_group()
         raise RunComplete({"step": point.step, "final_loss": math.nan, "checkpoint": point.checkpoint,
                            "export": os.path.join(t.output_dir, ckpt.EXPORT_DIR, FINAL_EXPORT)})
+    resharding = point.checkpoint is not None and reshard.needs_reshard(point.state, dist.world_size)
+    if resharding:
+        logger.info(f"resume: {point.checkpoint} was written by {point.state['world_size']} ranks, this run has "
+                    f"{dist.world_size}; its ZeRO state is resharded through DeepSpeed's universal checkpoint")
 
     ds_config = deepspeed_config(recipe)
+    if resharding:  # DeepSpeed reads this flag when the engine is made
+        ds_config = reshard.universal_load_config(ds_config)
     logger.info(f"loading the model from {m.base} ...")
-    model = load_model(recipe, tokenizer, dist.device)
+    model = load_model(recipe, tokenizer, dist.device, ds_config=ds_config)
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
     logger.info(f"building the DeepSpeed engine (ZeRO-{recipe.deepspeed.zero_stage}, {dist.world_size} ranks) ...")
     engine = _engine(recipe, ds_config, model, lr, length.schedule_steps, dist.device)
@@ -256,7 +264,8 @@ def set_up(recipe: Recipe) -> Run:
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
                loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=point.checkpoint, lr=lr,
                total_steps=length.schedule_steps, planned_steps=length.stop_at,
-               progress=Progress(last_checkpoint=point.checkpoint), guard=NonFiniteGuard(t.nonfinite_skips))
+               progress=Progress(last_checkpoint=point.checkpoint), guard=NonFiniteGuard(t.nonfinite_skips),
+               reshard=resharding)
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -284,7 +293,10 @@ def maybe_resume(run: Run) -> None:
     progress = run.progress
     if run.resume_from is not None:
         logger.info(f"resuming from {run.resume_from} ...")
-        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank)
+        location = reshard.convert_to_universal(run.resume_from, run.dist.rank, barrier) if run.reshard else None
+        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank, location)
+        if run.reshard:
+            reshard.remove_universal(run.resume_from, run.dist.rank, barrier)
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
         progress.wandb_run_id = saved.get("wandb_run_id")
