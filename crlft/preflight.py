@@ -58,13 +58,21 @@ def resume_point(recipe: Recipe, fingerprint: dict[str, Any], world_size: int | 
     ignore = () if world_size else ("rows_per_step",)
     saved = {k: v for k, v in reshard.normalise_fingerprint(state.get("fingerprint", {})).items() if k not in ignore}
     current = {k: v for k, v in fingerprint.items() if k not in ignore}
-    try:
-        if world_size:
+    problems = []
+    if world_size:
+        try:
             reshard.check_rows_per_step(state, world_size, t.grad_accum, checkpoint,
                                         recipe.where("train", "grad_accum"))
+        except UserError as error:
+            problems.append(str(error))
+            saved.pop("rows_per_step", None)  # said above, with the grad_accum that would fit
+            current.pop("rows_per_step", None)
+    try:
         ckpt.check_resume_fingerprint(saved, current, checkpoint)
     except UserError as error:
-        raise ResumeRefused(str(error)) from None
+        problems.append(str(error))
+    if problems:  # every reason in one message
+        raise ResumeRefused("\n".join(problems))
     return ResumePoint(checkpoint, int(state["step"]), state)
 
 

@@ -77,8 +77,9 @@ def test_a_refused_resume_is_reported_once_by_rank_0(tmp_path, capsys, monkeypat
     capsys.readouterr()
     assert cli_main(["preflight", str(recipe_path), "--num_gpus", "4", "train.lr=2e-4"]) == 2
     err = capsys.readouterr().err
-    assert err.count("cannot resume from") == 1
-    assert "world_size: checkpoint 2, now 4" in err and "lr: checkpoint 0.0001, now 0.0002" in err
+    assert err.count("crlft preflight: error:") == 1  # one report, every reason in it
+    assert "written with 2 rows per step" in err and "this run has 4 (4 ranks × grad_accum 1)" in err
+    assert "lr: checkpoint 0.0001, now 0.0002" in err
     # Without --num_gpus the rank count is left to the trainer; everything else is still checked.
     assert cli_main(["preflight", str(recipe_path), "--num_gpus", "2"]) == 0
     assert cli_main(["preflight", str(recipe_path)]) == 0
