@@ -24,6 +24,7 @@ from crlft import checkpoint as ckpt
 from crlft.collate import flash_attention_kwargs
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
+from crlft.evaluation import Evaluator, build_evaluator, check_split_on_resume
 from crlft.export import export_checkpoint, link_or_copy_tree
 from crlft.loader import PackedLoader, PackedStep
 from crlft.loss import WeightedLossModel, global_denominator, loss_scale_for_backward, num_chunks_for
@@ -135,6 +136,7 @@ class Run:
     total_steps: int
     planned_steps: int
     progress: Progress
+    evaluator: Evaluator | None = None  # the eval split, when the prepared data has one
 
     def reached_max_steps(self) -> bool:
         """Whether ``train.max_steps`` is set and reached."""
@@ -170,7 +172,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
             metrics = train_step(run.engine, step, world_size=run.dist.world_size, grad_accum=recipe.train.grad_accum,
                                  loss_normalization=recipe.train.loss_normalization, conditions=run.conditions,
                                  device=run.dist.device)
-            log.step(advance(run.progress, step, metrics, time.perf_counter() - started))
+            record = advance(run.progress, step, metrics, time.perf_counter() - started)
+            if run.evaluator is not None:  # before the checkpoint: a resume never skips an evaluation
+                record.update(run.evaluator.maybe_evaluate(
+                    run.engine, run.dist.device, run.progress.step, step.step_in_epoch + 1 == step.steps_per_epoch,
+                    run.reached_max_steps() or run.progress.step == run.total_steps))
+            log.step(record)
             checkpoint_and_export(run, step)
             if run.reached_max_steps():
                 break
@@ -218,6 +225,7 @@ def set_up(recipe: Recipe) -> Run:
     if resume_from is not None:
         ckpt.check_resume_fingerprint(ckpt.read_trainer_state(resume_from)["fingerprint"], fingerprint, resume_from)
 
+    evaluator = build_evaluator(recipe, dist.world_size, dist.rank, loader.pad_token_id)
     ds_config = deepspeed_config(recipe)
     model = load_model(recipe, tokenizer, dist.device)
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
@@ -225,7 +233,7 @@ def set_up(recipe: Recipe) -> Run:
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
                loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=resume_from, lr=lr,
                total_steps=total_steps, planned_steps=min(total_steps, t.max_steps) if t.max_steps else total_steps,
-               progress=Progress(last_checkpoint=resume_from))
+               progress=Progress(last_checkpoint=resume_from), evaluator=evaluator)
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -256,6 +264,7 @@ def maybe_resume(run: Run) -> None:
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
         progress.wandb_run_id = saved.get("wandb_run_id")
+        check_split_on_resume(saved.get("eval_split"), run.evaluator, run.resume_from)
         logger.info(f"resumed from {run.resume_from} (step {progress.step}, epoch {saved['loader']['epoch']})")
     if run.dist.rank == 0:
         dropped = truncate_metrics(os.path.join(run.recipe.train.output_dir, METRICS_FILE), progress.step)
@@ -353,6 +362,7 @@ def _trainer_state(run: Run, epoch_progress: float) -> dict[str, Any]:
         "param_prefix": "model.",  # WeightedLossModel holds the Hugging Face model as .model
         "recipe": run.recipe.to_dict(),
         **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id is not None else {}),
+        **({"eval_split": run.evaluator.split} if run.evaluator is not None else {}),
     }
 
 
