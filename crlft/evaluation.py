@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from crlft.collate import flash_attention_kwargs
@@ -64,6 +65,15 @@ def eval_metrics(sums: torch.Tensor, conditions: list[str]) -> dict[str, float]:
     return metrics
 
 
+def is_due(every_steps: int | None, done_steps: int, epoch_end: bool, last: bool) -> bool:
+    """Whether to evaluate after optimizer step ``done_steps``: every ``every_steps`` steps (``train.eval_every_steps``;
+    0: never), at each epoch end and at the last step. A function of the step alone: a resumed run evaluates at the
+    same steps."""
+    if every_steps == 0:
+        return False
+    return epoch_end or last or bool(every_steps and done_steps % every_steps == 0)
+
+
 class Evaluator:
     """The eval split of one run on one rank: when to evaluate, and the evaluation itself.
 
@@ -91,11 +101,8 @@ class Evaluator:
         self.every_steps = every_steps
 
     def is_due(self, done_steps: int, epoch_end: bool, last: bool) -> bool:
-        """Whether to evaluate after optimizer step ``done_steps`` (a function of the step alone: a resumed run
-        evaluates at the same steps)."""
-        if self.every_steps == 0:
-            return False
-        return epoch_end or last or bool(self.every_steps and done_steps % self.every_steps == 0)
+        """Whether to evaluate after optimizer step ``done_steps`` (see :func:`is_due`)."""
+        return is_due(self.every_steps, done_steps, epoch_end, last)
 
     def local_sums(self, forward: Callable[..., Any], device: torch.device) -> torch.Tensor:
         """This rank's per-condition sums over its share of the split (no collective of its own).
@@ -164,6 +171,32 @@ def build_evaluator(recipe: Any, world_size: int, rank: int, pad_token_id: int) 
     return evaluator
 
 
+def evaluation_steps(epoch_steps: list[int], total_steps: int, every_steps: int | None) -> list[int]:
+    """The optimizer steps after which a run evaluates (``Evaluator.is_due`` for every step of the run)."""
+    epoch_ends = set(np.cumsum(epoch_steps).tolist())
+    return [s for s in range(1, total_steps + 1) if is_due(every_steps, s, s in epoch_ends, s == total_steps)]
+
+
+def eval_plan_lines(recipe: Any, num_gpus: int, epoch_steps: list[int], total_steps: int) -> list[str]:
+    """``crlft plan``'s lines on the eval split: held-out conversations, the cost of one evaluation, how many."""
+    t = recipe.train
+    dataset = load_eval_split(recipe.data.output_dir)
+    if dataset is None:
+        return ["  eval split: none (data.eval_fraction and data.eval_sources are unset)"]
+    evaluator = Evaluator(dataset, max_tokens=t.batch_max_len, world_size=num_gpus, rank=0,
+                          pad_to_multiple_of=t.pad_to_multiple_of, pad_token_id=0, every_steps=t.eval_every_steps)
+    supervised = int(evaluator.loader._supervised_counts.sum())
+    steps = evaluation_steps(epoch_steps, total_steps, t.eval_every_steps)
+    when = ("never (train.eval_every_steps: 0)" if t.eval_every_steps == 0 else
+            (f"every {t.eval_every_steps} steps, " if t.eval_every_steps else "") + "at each epoch end and the end")
+    return [
+        f"  eval split: {evaluator.num_conversations:,} held-out conversations, {evaluator.num_tokens:,} tokens "
+        f"({supervised:,} supervised); one evaluation: {evaluator.rows_per_rank} row(s) of at most "
+        f"{t.batch_max_len:,} tokens per GPU, forward only",
+        f"  evaluations: {len(steps)} ({when}), {len(steps) * evaluator.num_tokens:,} tokens forwarded in all",
+    ]
+
+
 def check_split_on_resume(saved_split: str | None, evaluator: Evaluator | None, checkpoint: str) -> None:
     """Warn when the eval split differs from the one the checkpoint's run evaluated (not a reason to refuse)."""
     current = evaluator.split if evaluator is not None else None
@@ -173,4 +206,5 @@ def check_split_on_resume(saved_split: str | None, evaluator: Evaluator | None, 
                        "eval_split tells them apart")
 
 
-__all__ = ["EVAL_PLAN_SEED", "Evaluator", "build_evaluator", "check_split_on_resume", "eval_metrics"]
+__all__ = ["EVAL_PLAN_SEED", "Evaluator", "build_evaluator", "check_split_on_resume", "eval_metrics", "eval_plan_lines",
+           "evaluation_steps", "is_due"]

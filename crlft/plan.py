@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from crlft.config import Recipe, deepspeed_config
 from crlft.errors import UserError
+from crlft.evaluation import eval_plan_lines
 from crlft.loader import PackedLoader
 from crlft.memory import activation_bytes, memory_per_gpu
 from crlft.model import resolve_model_dir
@@ -223,6 +224,7 @@ class DataPlan:
     num_supervised: int | None = None
     steps_per_epoch: int | None = None
     total_steps: int | None = None
+    epoch_steps: list[int] | None = None  # steps of every epoch
 
     @property
     def supervised_ratio(self) -> float | None:
@@ -250,10 +252,11 @@ def data_plan(recipe: Recipe, num_gpus: int) -> DataPlan:
         num_epochs=t.epochs,
     )
     steps_per_epoch = loader.steps_per_epoch(0)
-    total_steps = loader.total_steps()
+    epoch_steps = [loader.steps_per_epoch(e) for e in range(t.epochs)]
+    total_steps = sum(epoch_steps)
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    return DataPlan(True, "", len(dataset), num_tokens, num_supervised, steps_per_epoch, total_steps)
+    return DataPlan(True, "", len(dataset), num_tokens, num_supervised, steps_per_epoch, total_steps, epoch_steps)
 
 
 def _gib(num_bytes: float) -> str:
@@ -341,6 +344,7 @@ def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) ->
         if data.steps_per_epoch:
             measured = data.num_supervised / data.steps_per_epoch
             lines.append(f"  measured supervised tokens per step: {measured:,.0f} on average")
+        lines += eval_plan_lines(recipe, num_gpus, data.epoch_steps, data.total_steps)
         per_step = supervised_tokens_per_step(t.batch_max_len, num_gpus, t.grad_accum, ratio)
         lines += [
             "",
