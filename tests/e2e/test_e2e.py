@@ -17,14 +17,10 @@ from helpers import (
     CARD_MESSAGES,
     CARD_MULTI_TURN_IDS,
     E2E_EPOCHS,
-    E2E_SETTINGS,
     END_OF_TURN_ID,
     PAD_ID,
     load_safetensors_dir,
-    prepare_recipe,
     read_metrics,
-    run_deepspeed,
-    write_recipe,
 )
 
 pytestmark = pytest.mark.slow
@@ -42,13 +38,9 @@ def zero2_run(zero2_e2e_run):
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory, tiny_mistral_dir):
-    """ZeRO-3, bf16, through `deepspeed --num_gpus 2 --module crlft.train`, logging to an offline wandb run."""
-    tmp = tmp_path_factory.mktemp("e2e_zero3")
-    recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
-    prepare_recipe(recipe)
-    result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline"), num_ranks=2)
-    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16"}
+def zero3_run(zero3_e2e_run):
+    """ZeRO-3, bf16, `deepspeed --num_gpus 2 --module crlft.train` (conftest: shared with test_validation.py)."""
+    return zero3_e2e_run
 
 
 @pytest.fixture(params=["zero2", "zero3"])

@@ -4,7 +4,7 @@
   (disjoint by ``(source, index)``), the same when prepared again, rows rendered exactly as training rows.
 * The evaluator (in this process, no DeepSpeed): its sums over the ranks' shares equal one rank's, and equal an
   independent recomputation with plain transformers; it draws no RNG, computes no gradients, restores train mode.
-* The runs (conftest's ``zero2_e2e_run``, fp32, and test_e2e's ``zero3_run``, bf16, both with two held-out files
+* The runs (conftest's ``zero2_e2e_run``, fp32, and ``zero3_e2e_run``, bf16, both with two held-out files
   evaluated every 4 steps): records at the right steps; the last ``eval_loss`` equals a recomputation from the
   final export (plain transformers, fp32, each held-out conversation alone) to 1e-5; and a run of the same recipe
   with evaluation off logs bit-identical training losses. The resume test (test_resume.py) checks that a killed
@@ -215,8 +215,8 @@ def test_training_losses_with_and_without_evaluation_are_identical(zero2_e2e_run
 
 
 @pytest.fixture(params=["zero2", "zero3"])
-def run_with_eval(request, zero2_e2e_run):
-    return zero2_e2e_run if request.param == "zero2" else request.getfixturevalue("zero3_run")
+def run_with_eval(request):
+    return request.getfixturevalue(f"{request.param}_e2e_run")
 
 
 def test_evaluations_at_every_4_steps_and_each_epoch_end(run_with_eval):
