@@ -419,7 +419,9 @@ def data_fingerprint(data_dir: str) -> str:
     """A hash of what the prepared dataset was made from (its ``crlft_meta.json`` inputs).
 
     File modification times and the crlft version are left out: touching a file, or upgrading crlft, without
-    changing the rows must not block a resume (the loader also checks the rows' lengths).
+    changing the rows must not block a resume (the loader also checks the rows' lengths). So are the held-out files
+    (``data.eval_sources``): they change only the eval split, which the trainer tells apart by its own hash
+    (``eval_split``); ``data.eval_fraction`` and ``eval_seed`` stay, because they choose the training rows too.
     """
     with open(os.path.join(data_dir, META_FILE), encoding="utf-8") as f:
         inputs = json.load(f).get("inputs", {})
@@ -428,6 +430,9 @@ def data_fingerprint(data_dir: str) -> str:
     for source in inputs.get("sources", []):
         if isinstance(source.get("file"), dict):
             source["file"].pop("mtime_ns", None)
+    held_out = inputs.pop("eval", None)
+    if isinstance(held_out, dict) and held_out.get("fraction"):
+        inputs["eval"] = {"fraction": held_out["fraction"], "seed": held_out.get("seed")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -166,6 +166,17 @@ class DataConfig(_Section):
     """Shell command ``crlft prepare`` runs first when a source file is missing, to write the sources (the demo's
     synthetic data generator). ``null``: missing files are an error."""
 
+    eval_fraction: Number = 0.0
+    """Share of each source's conversations held out as the ``eval`` split (never trained on; at least one per
+    source of ≥ 2 conversations when > 0), chosen by ``eval_seed``; OpenChat's data script held out 0.005."""
+
+    eval_seed: Int = 0
+    """Seed of the held-out choice (a hash of seed, source name and record index: stable across re-prepares)."""
+
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+    """Held-out files, shaped like ``sources`` (names distinct from them): all their conversations go to the
+    ``eval`` split."""
+
 
 @section(config=SECTION_CONFIG)
 class TrainConfig(_Section):
@@ -240,6 +251,9 @@ class TrainConfig(_Section):
 
     nonfinite_skips: Int = 0
     """Steps with a non-finite loss or gradient norm to skip (no update) before the run stops; 0: stop at the first."""
+    eval_every_steps: Int | None = None
+    """When the prepared data has an ``eval`` split: evaluate it every N optimizer steps, and always at each epoch
+    end and at the last step. ``null``: epoch ends and the last step only; ``0``: never."""
 
 
 @section(config=SECTION_CONFIG)
@@ -358,6 +372,9 @@ class Recipe:
         yield from condition_rules(self)
         yield (d.beta > 0, ("data", "beta"), "must be positive")
         yield (d.num_proc is None or d.num_proc >= 1, ("data", "num_proc"), "must be ≥ 1")
+        yield (0 <= d.eval_fraction < 1, ("data", "eval_fraction"), "must be in [0, 1)")
+        yield (d.eval_seed >= 0, ("data", "eval_seed"), "must be ≥ 0")
+        yield from _eval_source_rules(d.sources, d.eval_sources)
 
         yield (bool(t.output_dir), ("train", "output_dir"), "is required")
         yield (t.epochs >= 1, ("train", "epochs"), "must be ≥ 1")
@@ -379,6 +396,8 @@ class Recipe:
         yield (t.nonfinite_skips >= 0, ("train", "nonfinite_skips"), "must be ≥ 0")
         yield (t.pad_to_multiple_of is None or t.pad_to_multiple_of >= 1, ("train", "pad_to_multiple_of"),
                "must be ≥ 1")
+        yield (t.eval_every_steps is None or t.eval_every_steps >= 0, ("train", "eval_every_steps"),
+               "must be ≥ 0 (0: never evaluate)")
 
         yield (ds.zero_stage in (0, 1, 2, 3), ("deepspeed", "zero_stage"), "must be 0, 1, 2 or 3")
         yield (not ds.offload_param or ds.zero_stage == 3, ("deepspeed", "offload_param"), "needs zero_stage 3")
@@ -408,6 +427,22 @@ def _source_rules(sources: list[SourceConfig]) -> Iterator[tuple[bool, tuple, st
         yield (s.max_samples is None or s.max_samples > 0, ("data", "sources", i, "max_samples"),
                "must be positive")
         yield (s.repeat >= 1, ("data", "sources", i, "repeat"), "must be ≥ 1")
+
+
+def _eval_source_rules(sources: list[SourceConfig],
+                       eval_sources: list[SourceConfig]) -> Iterator[tuple[bool, tuple, str]]:
+    """The rules of ``data.eval_sources``: those of a source, names unique across both lists, no training file."""
+    for ok, key_path, message in _source_rules(eval_sources):
+        yield ok, ("data", "eval_sources", *key_path[2:]), message
+    train_names = {s.name for s in sources}
+    train_paths = {os.path.abspath(os.path.expanduser(s.path)) for s in sources}
+    for i, s in enumerate(eval_sources):
+        yield (s.name not in train_names, ("data", "eval_sources", i, "name"),
+               f"{s.name!r} is also a training source's name; held-out rows are told apart by (source, index)")
+        yield (os.path.abspath(os.path.expanduser(s.path)) not in train_paths, ("data", "eval_sources", i, "path"),
+               f"{s.path!r} is also a training source: its conversations would be trained on")
+        yield (s.repeat == 1, ("data", "eval_sources", i, "repeat"),
+               "must be 1 (each held-out conversation counts once)")
 
 
 # --------------------------------------------------------------------------------------------------------------

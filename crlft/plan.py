@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 from crlft.conditions import best_condition
 from crlft.config import Recipe, deepspeed_config
 from crlft.errors import UserError
+from crlft.evaluation import eval_plan_lines
 from crlft.known_bases import known_base, known_config
 from crlft.loader import PackedLoader
 from crlft.memory import activation_bytes, memory_per_gpu
@@ -385,6 +386,7 @@ def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) ->
         if data.steps_per_epoch:
             measured = data.num_supervised / data.steps_per_epoch
             lines.append(f"  measured supervised tokens per step: {measured:,.0f} on average")
+        lines += eval_plan_lines(recipe, num_gpus, list(data.length.steps_per_epoch), data.total_steps)
         per_step = supervised_tokens_per_step(t.batch_max_len, num_gpus, t.grad_accum, ratio)
         lines += [
             "",

@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from crlft import __version__
@@ -32,6 +33,7 @@ from crlft.model import ensure_base_model
 from crlft.report import build_report, format_report
 from crlft.rows import STAT_COLUMNS, SourceJob, process_batch, record_locations, row_features
 from crlft.sourcescan import readable_copy, scan_json_source
+from crlft.split import eval_split_path, held_out_mask
 from crlft.templates import TEMPLATES, Template
 from crlft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -118,15 +120,17 @@ def recipe_tokenizer(recipe: Recipe, template: Template | None = None):
     return tokenizer
 
 
+def _source_entry(source: SourceConfig) -> dict[str, Any]:
+    entry = dataclasses.asdict(source)
+    path = os.path.expanduser(source.path)
+    entry["file"] = _file_signature(path) if os.path.isfile(path) else None
+    return entry
+
+
 def _expected_meta(recipe: Recipe, tokenizer_fingerprint: str) -> dict[str, Any]:
     """Everything the prepared rows depend on, as plain JSON data (compared to decide reuse)."""
     d = recipe.data
-    sources = []
-    for s in d.sources:
-        entry = dataclasses.asdict(s)
-        path = os.path.expanduser(s.path)
-        entry["file"] = _file_signature(path) if os.path.isfile(path) else None
-        sources.append(entry)
+    sources = [_source_entry(s) for s in d.sources]
     inputs = {
         "format_version": PREPARED_FORMAT_VERSION,
         "crlft_version": __version__,
@@ -138,6 +142,9 @@ def _expected_meta(recipe: Recipe, tokenizer_fingerprint: str) -> dict[str, Any]
         "per_sequence_loss": d.per_sequence_loss,
         "sources": sources,
     }
+    if d.eval_fraction > 0 or d.eval_sources:  # absent otherwise: datasets prepared without a split stay valid
+        inputs["eval"] = {"fraction": d.eval_fraction, "seed": d.eval_seed,
+                          "sources": [_source_entry(s) for s in d.eval_sources]}
     return json.loads(json.dumps(inputs))  # the form it has after a round trip through the file
 
 
@@ -361,37 +368,46 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
     try:
         timings: dict[str, float] = {}
         parts, stat_tables, repeats, error_examples = [], [], {}, []
+        eval_parts, eval_tables, eval_errors = [], [], []
         inputs_hash = hashlib.sha256(json.dumps(meta_inputs, sort_keys=True).encode()).hexdigest()[:16]
-        for i, source in enumerate(recipe.data.sources):
-            t0 = time.perf_counter()
-            job = source_job(recipe, source)  # before reading: it refuses files the reader would misread
-            records = read_source(readable_source(source, job, work_dir), cache_dir=os.path.join(work_dir, "cache"),
-                                  where=recipe.where("data", "sources", i, "path"))
-            if source.max_samples is not None and source.max_samples < len(records):
-                records = records.select(range(source.max_samples))
-            t1 = time.perf_counter()
-            # Worker processes pay off only for sources of a few batches, unless asked for explicitly.
-            source_num_proc = explicit_num_proc or min(_default_num_proc(), max(1, len(records) // MAP_BATCH_SIZE))
-            rows = _map_source(records, job, tokenizer, source_num_proc,
-                               os.path.join(work_dir, f"rows-{i}.arrow"), f"{inputs_hash}-{i}")
-            t2 = time.perf_counter()
-            timings[f"read {source.name}"] = t1 - t0
-            timings[f"tokenize {source.name}"] = t2 - t1
-            row_stats = rows.data.table.select(["source", "condition", "index", "length", *STAT_COLUMNS])
-            stat_tables.append(row_stats)
+        d = recipe.data
+        for i, source in enumerate(d.sources):
+            kept, row_stats, keep, job = _tokenize_source(recipe, source, ("data", "sources", i),
+                                                          f"{inputs_hash}-{i}", tokenizer, explicit_num_proc,
+                                                          work_dir, timings)
             error_examples.extend(_error_examples(row_stats, job.path, MAX_ERROR_EXAMPLES - len(error_examples)))
+            held_out = held_out_mask(_index_column(kept), d.eval_fraction, d.eval_seed, source.name)
+            if held_out.any():  # held out before the repeat: a held-out conversation is never trained on
+                in_eval = np.zeros(row_stats.num_rows, dtype=bool)
+                in_eval[np.asarray(keep, dtype=np.int64)[held_out]] = True
+                eval_parts.append(kept.select(np.flatnonzero(held_out)))
+                eval_tables.append(row_stats.filter(pa.array(in_eval)))
+                row_stats = row_stats.filter(pa.array(~in_eval))
+                kept = kept.select(np.flatnonzero(~held_out))
+            stat_tables.append(row_stats)
             repeats[source.name] = source.repeat
-            keep = _kept_row_numbers(row_stats)
-            kept = rows.select(keep) if len(keep) < len(rows) else rows
-            kept = kept.remove_columns(list(STAT_COLUMNS))
             parts.extend([kept] * source.repeat)
+        for i, source in enumerate(d.eval_sources):
+            kept, row_stats, _, job = _tokenize_source(recipe, source, ("data", "eval_sources", i),
+                                                       f"{inputs_hash}-eval-{i}", tokenizer, explicit_num_proc,
+                                                       work_dir, timings)
+            eval_errors.extend(_error_examples(row_stats, job.path, MAX_ERROR_EXAMPLES - len(eval_errors)))
+            eval_parts.append(kept)
+            eval_tables.append(row_stats)
 
         report = build_report(stat_tables, repeats, error_examples)
+        if "eval" in meta_inputs:
+            eval_names = [s.name for s in d.sources] + [s.name for s in d.eval_sources]
+            report["eval"] = build_report(eval_tables, dict.fromkeys(eval_names, 1), eval_errors)
         log(format_report(report))
         if report["total"]["rows"] == 0:
             raise UserError("no conversation left to train on (see the report above)")
+        if "eval" in meta_inputs and report["eval"]["total"]["rows"] == 0:
+            key = ("data", "eval_sources") if d.eval_sources else ("data", "eval_fraction")
+            raise UserError(f"{recipe.where(*key)}: no conversation left to evaluate on (see the report above; "
+                            "a source needs ≥ 2 conversations to give one to eval_fraction)")
         t0 = time.perf_counter()
-        dataset = _write(parts, report, meta_inputs, work_dir, output_dir)
+        dataset = _write(parts, eval_parts, report, meta_inputs, work_dir, output_dir)
         timings["write"] = time.perf_counter() - t0
         log("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         if stats is not None:
@@ -402,18 +418,52 @@ def prepare(recipe: Recipe, *, force: bool = False, num_proc: int | None = None,
     return output_dir
 
 
-def _write(parts: list, report: dict[str, Any], meta_inputs: dict[str, Any], work_dir: str, output_dir: str):
-    """Stage the dataset, its report and metadata in ``work_dir``, then rename it into ``output_dir``."""
+def _write(parts: list, eval_parts: list, report: dict[str, Any], meta_inputs: dict[str, Any], work_dir: str,
+           output_dir: str):
+    """Stage the dataset, its eval split, report and metadata in ``work_dir``, then rename it into ``output_dir``."""
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     staged = os.path.join(work_dir, "dataset")
     dataset.save_to_disk(staged)
+    num_eval_rows = 0
+    if eval_parts:
+        eval_dataset = datasets.concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
+        eval_dataset.save_to_disk(eval_split_path(staged))
+        num_eval_rows = len(eval_dataset)
     with open(os.path.join(staged, REPORT_FILE), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    meta = {"inputs": meta_inputs, "num_rows": len(dataset), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta = {"inputs": meta_inputs, "num_rows": len(dataset), "num_eval_rows": num_eval_rows,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with open(os.path.join(staged, META_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     _replace_dir(staged, output_dir, os.path.join(work_dir, "old"))
     return dataset
+
+
+def _tokenize_source(recipe: Recipe, source: SourceConfig, key_path: tuple, fingerprint: str, tokenizer,
+                     explicit_num_proc: int | None, work_dir: str, timings: dict[str, float]):
+    """Read and tokenize one source: its kept rows (training columns), every record's statistics, the kept row
+    numbers and its ``SourceJob``."""
+    t0 = time.perf_counter()
+    job = source_job(recipe, source)  # before reading: it refuses files the reader would misread
+    records = read_source(readable_source(source, job, work_dir), cache_dir=os.path.join(work_dir, "cache"),
+                          where=recipe.where(*key_path, "path"))
+    if source.max_samples is not None and source.max_samples < len(records):
+        records = records.select(range(source.max_samples))
+    t1 = time.perf_counter()
+    # Worker processes pay off only for sources of a few batches, unless asked for explicitly.
+    num_proc = explicit_num_proc or min(_default_num_proc(), max(1, len(records) // MAP_BATCH_SIZE))
+    rows = _map_source(records, job, tokenizer, num_proc, os.path.join(work_dir, f"rows-{fingerprint}.arrow"),
+                       fingerprint)
+    timings[f"read {source.name}"] = t1 - t0
+    timings[f"tokenize {source.name}"] = time.perf_counter() - t1
+    row_stats = rows.data.table.select(["source", "condition", "index", "length", *STAT_COLUMNS])
+    keep = _kept_row_numbers(row_stats)
+    kept = rows.select(keep) if len(keep) < len(rows) else rows
+    return kept.remove_columns(list(STAT_COLUMNS)), row_stats, keep, job
+
+
+def _index_column(dataset) -> np.ndarray:
+    return dataset.select_columns(["index"]).with_format("arrow")[:].column("index").to_numpy()
 
 
 def _error_examples(row_stats, path: str, limit: int) -> list[str]:

@@ -72,7 +72,17 @@ def build_report(stat_tables: list, repeats: dict[str, int], errors: list[str] =
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as a text table (one line per source and condition, then the total)."""
+    """The report as a text table (one line per source and condition, then the total); with an ``eval`` split, one
+    table per split."""
+    if "eval" not in report:
+        return _format_split(report)
+    return "\n".join([
+        "train split", _format_split(report), "",
+        "eval split (held out, never trained on; evaluated by the trainer)", _format_split(report["eval"], True),
+    ])
+
+
+def _format_split(report: dict[str, Any], held_out: bool = False) -> str:
     header = ("source", "condition", "read", "kept", "truncated", "dropped", "tokens", "supervised", "mean w",
               "repeat")
 
@@ -92,7 +102,8 @@ def format_report(report: dict[str, Any]) -> str:
     text.insert(1, "-" * len(text[0]))
     text.insert(len(text) - 1, "-" * len(text[0]))
     t = report["total"]
-    notes = [f"rows written (kept × repeat): {t['rows']}, tokens per epoch: {t['tokens_per_epoch']}"]
+    notes = [f"held out: {t['rows']} conversations, {t['tokens']} tokens, each evaluated once per evaluation"
+             if held_out else f"rows written (kept × repeat): {t['rows']}, tokens per epoch: {t['tokens_per_epoch']}"]
     if t["trailing_user_turns_dropped"]:
         notes.append(f"trailing user turns dropped (nothing to learn after them): {t['trailing_user_turns_dropped']}")
     if t["consecutive_same_role_turns"]:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from crlft.config import Recipe
 
 METRICS_FILE = "metrics.jsonl"
+_FULL_PRECISION = ("loss", "eval_loss")
 
 
 def truncate_metrics(path: str, last_step: int) -> int:
@@ -147,21 +148,25 @@ class RunLog:
         """Log one step's record (``step``, ``epoch``, ``loss``, ``lr``, ``tokens_per_s``, ...)."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({k: v if k == "loss" else _round(v) for k, v in record.items()}) + "\n")
+        # The losses at full precision (eval_loss is compared with recomputations); the rest to 6 digits.
+        self.file.write(json.dumps({k: v if k in _FULL_PRECISION else _round(v) for k, v in record.items()}) + "\n")
         self.file.flush()
         step = record["step"]
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.wandb_run is not None:  # every step; log_every only thins the printed lines
+            # Numbers only: the eval split's id (a string) stays in metrics.jsonl.
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, str)},
+                               step=step)
         self.bar.update(1)
         self.bar.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        if step % self.log_every == 0 or step == self.total_steps:
+        if step % self.log_every == 0 or step == self.total_steps or "eval_loss" in record:
             seconds_per_step = (time.perf_counter() - self.started) / max(step - self.first_step, 1)
             eta = self.bar.format_interval(seconds_per_step * max(self.total_steps - step, 0))
             per_condition = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
             self.bar.write(
                 f"step {step}/{self.total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
                 + (f"({per_condition}) " if per_condition else "")
+                + (f"eval_loss {record['eval_loss']:.4f} " if "eval_loss" in record else "")
                 + f"acc {record['weighted_accuracy']:.3f} lr {record['lr']:.3e} {record['tokens_per_s']:.0f} tok/s "
                 f"eta {eta}", file=sys.stderr)
 

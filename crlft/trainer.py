@@ -26,6 +26,7 @@ from crlft.collate import flash_attention_kwargs
 from crlft.conditions import inference_template
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
+from crlft.evaluation import Evaluator, build_evaluator, check_split_on_resume
 from crlft.export import export_checkpoint, link_or_copy_tree
 from crlft.guard import NonFiniteGuard, check_state_finite, discard_if_not_finite, nothing_written
 from crlft.loader import PackedLoader, PackedStep
@@ -144,6 +145,7 @@ class Run:
     progress: Progress
     guard: NonFiniteGuard
     reshard: bool = False  # resume_from was written by another number of ranks (crlft.reshard)
+    evaluator: Evaluator | None = None  # the eval split, when the prepared data has one
 
     def reached_stop(self) -> bool:
         """Whether the run has done all its steps (``planned_steps``: the schedule, or ``train.stop_after_steps``)."""
@@ -192,7 +194,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
             if run.guard.check_step(run.progress.step + 1, metrics["loss"], metrics.get("grad_norm"),
                                     run.engine.was_step_applied(), run.progress.last_checkpoint):
                 metrics["skipped"] = 1.0  # a non-finite step, its update dropped (crlft.guard)
-            log.step(advance(run.progress, step, metrics, time.perf_counter() - started))
+            record = advance(run.progress, step, metrics, time.perf_counter() - started)
+            if run.evaluator is not None:  # before the checkpoint: a resume never skips an evaluation
+                record.update(run.evaluator.maybe_evaluate(
+                    run.engine, run.dist.device, run.progress.step, step.step_in_epoch + 1 == step.steps_per_epoch,
+                    run.reached_stop()))
+            log.step(record)
             checkpoint_and_export(run, step)
             if run.reached_stop():
                 break
@@ -252,6 +259,7 @@ def set_up(recipe: Recipe) -> Run:
         logger.info(f"resume: {point.checkpoint} was written by {point.state['world_size']} ranks, this run has "
                     f"{dist.world_size}; its ZeRO state is resharded through DeepSpeed's universal checkpoint")
 
+    evaluator = build_evaluator(recipe, dist.world_size, dist.rank, loader.pad_token_id)
     ds_config = deepspeed_config(recipe)
     if resharding:  # DeepSpeed reads this flag when the engine is made
         ds_config = reshard.universal_load_config(ds_config)
@@ -265,7 +273,7 @@ def set_up(recipe: Recipe) -> Run:
                loader=loader, conditions=conditions, fingerprint=fingerprint, resume_from=point.checkpoint, lr=lr,
                total_steps=length.schedule_steps, planned_steps=length.stop_at,
                progress=Progress(last_checkpoint=point.checkpoint), guard=NonFiniteGuard(t.nonfinite_skips),
-               reshard=resharding)
+               reshard=resharding, evaluator=evaluator)
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, total_steps: int,
@@ -304,6 +312,7 @@ def maybe_resume(run: Run) -> None:
         check_state_finite(run.engine, f"loaded from {run.resume_from}",
                            "it was written from a damaged state (or damaged before its manifest was written); move "
                            "it away and run again to resume from the checkpoint before it")
+        check_split_on_resume(saved.get("eval_split"), run.evaluator, run.resume_from)
         logger.info(f"resumed from {run.resume_from} (step {progress.step}, epoch {saved['loader']['epoch']})")
     if run.dist.rank == 0:
         dropped = truncate_metrics(os.path.join(run.recipe.train.output_dir, METRICS_FILE), progress.step)
@@ -406,6 +415,7 @@ def _trainer_state(run: Run, epoch_progress: float) -> dict[str, Any]:
         "recipe": run.recipe.to_dict(),
         "nonfinite_skipped_steps": run.guard.skipped_steps,
         **({"wandb_run_id": progress.wandb_run_id} if progress.wandb_run_id is not None else {}),
+        **({"eval_split": run.evaluator.split} if run.evaluator is not None else {}),
     }
 
 

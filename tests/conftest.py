@@ -9,7 +9,16 @@ import os
 import subprocess
 
 import pytest
-from helpers import E2E_SETTINGS, REPO_ROOT, TINY_MISTRAL, free_port, run_env, write_recipe
+from helpers import (
+    E2E_SETTINGS,
+    REPO_ROOT,
+    TINY_MISTRAL,
+    free_port,
+    prepare_recipe,
+    run_deepspeed,
+    run_env,
+    write_recipe,
+)
 
 from crlft.model import create_from_scratch
 from crlft.tokenizer import build_tokenizer
@@ -44,3 +53,19 @@ def zero2_e2e_run(tmp_path_factory, tiny_mistral_dir) -> dict:
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "float32"}
 
+
+
+@pytest.fixture(scope="session")
+def zero3_e2e_run(tmp_path_factory, tiny_mistral_dir) -> dict:
+    """ZeRO-3, bf16, through ``deepspeed --num_gpus 2 --module crlft.train``, logging to an offline wandb run.
+
+    Returns ``{"dir", "log", "recipe", "dtype": "bfloat16", "master_port"}`` like ``zero2_e2e_run``.
+    """
+    tmp = tmp_path_factory.mktemp("e2e_zero3")
+    recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
+    prepare_recipe(recipe)
+    # log_every above the run's length: the printed lines thin out, wandb must still get every step.
+    result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline",
+                                    "logging.log_every=100"), num_ranks=2)
+    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16",
+            "master_port": result.master_port}

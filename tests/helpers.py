@@ -95,11 +95,13 @@ def write_recipe(
     num_bad: int = 16,
     data_seed: int = 0,
     name: str = "recipe.yaml",
+    num_held_out: int = 0,
     **train: object,
 ) -> str:
     """A recipe for the tiny model on fresh synthetic data in ``tmp_path`` (GPT4 reward 1.0, GPT3 reward 0.1).
 
     Keyword arguments override ``train`` keys (``epochs=2``...); ``zero_stage`` and ``dtype`` go to their sections.
+    ``num_held_out`` > 0 adds two ``data.eval_sources`` of that many conversations each (one per class).
     """
     zero_stage = train.pop("zero_stage", 2)
     dtype = train.pop("dtype", "float32")
@@ -140,6 +142,16 @@ def write_recipe(
         deepspeed:
           zero_stage: {zero_stage}
         """)
+    if num_held_out:
+        held_out = [
+            ("gpt4", "good", "GPT4 Correct", 1.0, synthetic_conversations(num_held_out, data_seed + 100, "good")),
+            ("gpt3", "bad", "GPT3", 0.1, synthetic_conversations(num_held_out, data_seed + 101, "bad")),
+        ]
+        entries = "".join(
+            f"    - {{name: {name}_eval, path: {write_jsonl(tmp_path / f'{style}_eval.jsonl', records)}, "
+            f"format: sharegpt, condition: {condition}, reward: {reward}}}\n"
+            for name, style, condition, reward, records in held_out)
+        text = text.replace("data:\n", "data:\n  eval_sources:\n" + entries, 1)
     text += "train:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in train_section.items())
     path = tmp_path / name
     path.write_text(text)
@@ -262,7 +274,11 @@ def load_safetensors_dir(model_dir: str) -> dict:
 E2E_EPOCHS = 3
 # 34 + 16 conversations: 4 full steps of 2 x 256 tokens per epoch and a fifth holding one row of left-overs, so the
 # other rank trains on an empty bin (test_a_rank_with_an_empty_bin_stays_in_step); 15 steps in all.
-E2E_SETTINGS = {"epochs": E2E_EPOCHS, "save_every_steps": 4, "keep_last": 2, "num_good": 34}
+# Two held-out files of 4 conversations each (data.eval_sources: the training rows stay the same), evaluated every
+# 4 steps and at each epoch end: after steps 4, 5, 8, 10, 12 and 15.
+E2E_SETTINGS = {"epochs": E2E_EPOCHS, "save_every_steps": 4, "keep_last": 2, "num_good": 34, "num_held_out": 4,
+                "eval_every_steps": 4}
+E2E_EVAL_STEPS = [4, 5, 8, 10, 12, 15]
 
 
 def tiny_mistral(vocab=64, tied=False):

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import load_safetensors_dir, read_metrics, run_deepspeed, run_deepspeed_killed_after_step
+from helpers import E2E_EVAL_STEPS, load_safetensors_dir, read_metrics, run_deepspeed, run_deepspeed_killed_after_step
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,18 @@ def test_resumed_run_logs_the_same_losses_as_the_uninterrupted_run(resumed, zero
         assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-9)
         assert ours["num_tokens"] == theirs["num_tokens"]  # the same batches
         assert ours["epoch"] == theirs["epoch"]
+
+
+def test_resumed_run_logs_the_same_eval_records(resumed, zero2_e2e_run):
+    """Evaluations after steps 4, 5 and 8 come from the killed run, after 10, 12 and 15 from the relaunch."""
+    reference = [m for m in read_metrics(zero2_e2e_run["dir"]) if "eval_loss" in m]
+    metrics = [m for m in read_metrics(resumed["dir"]) if "eval_loss" in m]
+    assert [m["step"] for m in metrics] == [m["step"] for m in reference] == E2E_EVAL_STEPS
+    for ours, theirs in zip(metrics, reference):
+        assert ours["eval_split"] == theirs["eval_split"]
+        for key in ("eval_loss", "eval_loss/GPT4 Correct", "eval_loss/GPT3", "eval_accuracy"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (ours["step"], key)
+        assert ours["eval_tokens"] == theirs["eval_tokens"]
 
 
 def test_resumed_run_ends_with_the_same_weights(resumed, zero2_e2e_run):
