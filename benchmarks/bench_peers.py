@@ -64,11 +64,23 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 TRL_VERSION = "1.16.0"  # the newest TRL on PyPI when written; works with transformers 5.24 and torch 2.13
 MODEL = {  # MistralConfig fields of the random base, both sides (19.4M parameters with the 32,002-token vocabulary)
-    "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
 }
-SMOKE_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-               "num_key_value_heads": 1, "max_position_embeddings": 1024, "tie_word_embeddings": True}
+SMOKE_MODEL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
 TEMPLATE = "openchat_3.5"
 
 
@@ -79,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["demo", "long"], choices=["demo", "long"])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="processes per run, one setting each")
     p.add_argument("--repeats", type=int, default=2, help="runs of each side per setting, alternated")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
-    p.add_argument("--warmup-steps", type=int, default=2, help="first steps of each run left out of the timing")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    p.add_argument("--warmup-steps", type=int, default=1, help="first steps of each run left out of the timing")
     p.add_argument("--row-tokens", type=int, default=2048)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -88,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--long-conversations", type=int, default=400)
     p.add_argument("--trl-version", default=TRL_VERSION)
     p.add_argument("--trl-venv", default=os.path.join(REPO, ".venv-trl"))
-    p.add_argument("--timeout", type=int, default=600, help="seconds one run may take")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds one run may take")
     p.add_argument("--smoke", action="store_true", help="crlft only, tiny model and data, 3 steps (the tests)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -140,22 +152,26 @@ def long_tailed_conversations(num: int, median_tokens: float, seed: int, tokens_
     Text is random words of a fixed list; each turn's first 20-50% of words is the user's.
     """
     rng = np.random.default_rng(seed)
-    words = np.array(("the of and to in is it that for on was with as at by from this have not are but be his "
-                      "they one all were there can an which their said if will each about how up out them then "
-                      "she many some so these would other into has more her two like him see time could no make "
-                      "than first been its who now people my made over did down only way find use may water long "
-                      "little very after words called just where most know get through back much before go good "
-                      "new write our used me man too any day same right look think also around another came come "
-                      "work three word must because does part even place well such here take why things help put "
-                      "years different away again off went old number great tell men say small every found still "
-                      "between name should home big give air line set own under read last never us left end along "
-                      "while might next sound below saw something thought both few those always looked show large "
-                      "often together asked house world going want school important until form food keep children "
-                      "feet land side without boy once animals life enough took sometimes four head above kind "
-                      "began almost live page got earth need far hand high year mother light parts country father "
-                      "let night following picture being study second eyes soon times story boys since white days "
-                      "ever paper hard near sentence better best across during today others sure means knew why "
-                      "upon").split())
+    words = np.array(
+        (
+            "the of and to in is it that for on was with as at by from this have not are but be his "
+            "they one all were there can an which their said if will each about how up out them then "
+            "she many some so these would other into has more her two like him see time could no make "
+            "than first been its who now people my made over did down only way find use may water long "
+            "little very after words called just where most know get through back much before go good "
+            "new write our used me man too any day same right look think also around another came come "
+            "work three word must because does part even place well such here take why things help put "
+            "years different away again off went old number great tell men say small every found still "
+            "between name should home big give air line set own under read last never us left end along "
+            "while might next sound below saw something thought both few those always looked show large "
+            "often together asked house world going want school important until form food keep children "
+            "feet land side without boy once animals life enough took sometimes four head above kind "
+            "began almost live page got earth need far hand high year mother light parts country father "
+            "let night following picture being study second eyes soon times story boys since white days "
+            "ever paper hard near sentence better best across during today others sure means knew why "
+            "upon"
+        ).split()
+    )
     records = []
     for length in rng.lognormal(math.log(median_tokens), 0.7, size=num):
         turns = int(rng.integers(1, 4))
@@ -175,8 +191,8 @@ def long_sources(work: str, num: int, smoke: bool) -> list[dict]:
     path = os.path.join(work, "sources", f"long_{num}.jsonl")
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # The words above are about 1.25 tokens each with a leading space in Mistral's tokenizer.
-        records = long_tailed_conversations(num, 100 if smoke else 600, seed=0, tokens_per_word=1.25)
+        # 0.95: what gives a median of ~600 rendered tokens with these words and Mistral's tokenizer (measured).
+        records = long_tailed_conversations(num, 100 if smoke else 600, seed=0, tokens_per_word=0.95)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(path + ".tmp", path)
@@ -186,13 +202,31 @@ def long_sources(work: str, num: int, smoke: bool) -> list[dict]:
 def write_recipe(work: str, name: str, base: str, sources: list[dict], args: argparse.Namespace) -> str:
     """The crlft recipe of one data set (train.output_dir and max_steps are set per run on the command line)."""
     recipe = {
-        "model": {"base": base, "template": TEMPLATE, "max_context": args.row_tokens, "dtype": "float32",
-                  "attn_implementation": "auto", "gradient_checkpointing": False},
+        "model": {
+            "base": base,
+            "template": TEMPLATE,
+            "max_context": args.row_tokens,
+            "dtype": "float32",
+            "attn_implementation": "auto",
+            "gradient_checkpointing": False,
+        },
         "data": {"sources": sources, "output_dir": os.path.join(work, "prepared", name), "num_proc": 1},
-        "train": {"output_dir": os.path.join(work, "runs", "unused"), "epochs": 1, "batch_max_len": args.row_tokens,
-                  "lr": args.lr, "lr_warmup_ratio": 0.0, "lr_min_ratio": 1.0, "weight_decay": 0.0,
-                  "betas": [0.9, 0.95], "eps": 1e-5, "grad_clip": 1.0, "grad_accum": args.grad_accum, "seed": 0,
-                  "resume": "off", "loss_normalization": "weight_sum"},
+        "train": {
+            "output_dir": os.path.join(work, "runs", "unused"),
+            "epochs": 1,
+            "batch_max_len": args.row_tokens,
+            "lr": args.lr,
+            "lr_warmup_ratio": 0.0,
+            "lr_min_ratio": 1.0,
+            "weight_decay": 0.0,
+            "betas": [0.9, 0.95],
+            "eps": 1e-5,
+            "grad_clip": 1.0,
+            "grad_accum": args.grad_accum,
+            "seed": 0,
+            "resume": "off",
+            "loss_normalization": "weight_sum",
+        },
         "deepspeed": {"zero_stage": 2},
         "logging": {"log_every": 1},
     }
@@ -214,14 +248,20 @@ def prepare_data(recipe_path: str, trl_path: str) -> dict:
     weights = dataset["loss_weights"]
     with open(trl_path + ".tmp", "w", encoding="utf-8") as f:
         for ids, w in zip(dataset["input_ids"], weights):
-            f.write(json.dumps({"input_ids": [int(i) for i in ids], "assistant_masks": [int(x > 0) for x in w]})
-                    + "\n")
+            f.write(json.dumps({"input_ids": [int(i) for i in ids], "assistant_masks": [int(x > 0) for x in w]}) + "\n")
     os.replace(trl_path + ".tmp", trl_path)
     supervised = sum(int(np.count_nonzero(np.asarray(w))) for w in weights)
-    return {"conversations": len(lengths), "tokens": int(lengths.sum()), "supervised_tokens": supervised,
-            "median_length": float(np.median(lengths)), "mean_length": float(lengths.mean()),
-            "max_length": int(lengths.max()), "min_length": int(lengths.min()), "dataset": dataset,
-            "recipe": recipe}
+    return {
+        "conversations": len(lengths),
+        "tokens": int(lengths.sum()),
+        "supervised_tokens": supervised,
+        "median_length": float(np.median(lengths)),
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+        "min_length": int(lengths.min()),
+        "dataset": dataset,
+        "recipe": recipe,
+    }
 
 
 def epochs_for(data: dict, args: argparse.Namespace, procs: int) -> int:
@@ -265,8 +305,12 @@ def check_crlft_isolation(data: dict, row_tokens: int) -> dict:
     assert torch.equal(row["position_ids"][0, :total], expected), "position_ids do not restart per conversation"
     worst = 0.0
     with torch.no_grad():
-        packed = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False,
-                       **packed_attention_kwargs(row, attn)).logits[0]
+        packed = model(
+            input_ids=row["input_ids"],
+            position_ids=row["position_ids"],
+            use_cache=False,
+            **packed_attention_kwargs(row, attn),
+        ).logits[0]
         start = 0
         for n in lengths:
             alone = model(input_ids=row["input_ids"][:, start : start + n], use_cache=False).logits[0]
@@ -295,19 +339,33 @@ def ensure_trl_venv(venv: str, version: str) -> dict:
     modules = "torch, transformers, accelerate, datasets"
     probe = "import json, {0}; print(json.dumps({{m.__name__: m.__version__ for m in ({0},)}}))"
     python = _venv_python(venv)
-    ok = os.path.exists(python) and subprocess.run(
-        [python, "-c", f"import trl, sys; sys.exit(trl.__version__ != {version!r})"], capture_output=True
-    ).returncode == 0
+    ok = (
+        os.path.exists(python)
+        and subprocess.run(
+            [python, "-c", f"import trl, sys; sys.exit(trl.__version__ != {version!r})"], capture_output=True
+        ).returncode
+        == 0
+    )
     if not ok:
-        print(f"installing trl=={version} into {venv} (its own venv, reusing this interpreter's torch) ...",
-              flush=True)
+        print(f"installing trl=={version} into {venv} (its own venv, reusing this interpreter's torch) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"trl=={version}"],
-                       check=True)
-    theirs = json.loads(subprocess.run([python, "-c", probe.format(modules + ", trl")], capture_output=True,
-                                       text=True, check=True, env=_clean_env()).stdout)
-    ours = json.loads(subprocess.run([sys.executable, "-c", probe.format(modules)], capture_output=True, text=True,
-                                     check=True, env=_clean_env()).stdout)
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"trl=={version}"], check=True
+        )
+    theirs = json.loads(
+        subprocess.run(
+            [python, "-c", probe.format(modules + ", trl")],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_clean_env(),
+        ).stdout
+    )
+    ours = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe.format(modules)], capture_output=True, text=True, check=True, env=_clean_env()
+        ).stdout
+    )
     for name in ("torch", "transformers"):
         if theirs[name] != ours[name]:
             raise RuntimeError(f"{venv}: {name} {theirs[name]} differs from this interpreter's {ours[name]}")
@@ -387,8 +445,7 @@ def run_command(argv: list[str], env: dict, log_path: str, timeout: int) -> tupl
     """Runs one training command; its wall seconds and the peak RSS (GiB) of each training process."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         monitor = PeakRSS(proc.pid)
         try:
             rc = proc.wait(timeout=timeout)
@@ -408,33 +465,73 @@ def run_crlft(recipe_path: str, out: str, procs: int, epochs: int, args: argpars
     """``./launch.sh --num_gpus P`` (DeepSpeed ZeRO-2 on CPU ranks); the steps from its ``metrics.jsonl``."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    argv = ["bash", os.path.join(REPO, "launch.sh"), "--num_gpus", str(procs), recipe_path,
-            f"train.output_dir={out}", f"train.max_steps={args.steps}", f"train.epochs={epochs}"]
+    argv = [
+        "bash",
+        os.path.join(REPO, "launch.sh"),
+        "--num_gpus",
+        str(procs),
+        recipe_path,
+        f"train.output_dir={out}",
+        f"train.max_steps={args.steps}",
+        f"train.epochs={epochs}",
+    ]
     env = _clean_env(OMP_NUM_THREADS=str(max(1, args.threads // procs)), PYTHONPATH=REPO)
     wall_s, peaks = run_command(argv, env, os.path.join(out, "run.log"), args.timeout)
     steps = []
     with open(os.path.join(out, "metrics.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            steps.append({"step": r["step"], "seconds": r["step_time_s"], "num_tokens": r["num_tokens"],
-                          "loss": r["loss"]})
+            steps.append(
+                {"step": r["step"], "seconds": r["step_time_s"], "num_tokens": r["num_tokens"], "loss": r["loss"]}
+            )
     return {"side": "crlft", "steps": steps, "wall_s": wall_s, "peak_rss_gib": peaks}
 
 
-def run_trl(model_dir: str, data_path: str, out: str, procs: int, args: argparse.Namespace,
-            check_isolation: bool) -> dict:
-    """``accelerate launch --cpu --num_processes P peers_trl.py`` in TRL's venv; rank 0's steps."""
+def run_trl(
+    model_dir: str, data_path: str, out: str, procs: int, args: argparse.Namespace, check_isolation: bool
+) -> dict:
+    """``accelerate launch --num_processes P peers_trl.py`` in TRL's venv; rank 0's steps."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     threads = max(1, args.threads // procs)
     from crlft.dist import free_port
 
-    argv = [os.path.join(args.trl_venv, "bin", "accelerate"), "launch", "--cpu", "--num_processes", str(procs),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_cpu_threads_per_process", str(threads), "--main_process_port", str(free_port()),
-            os.path.join(REPO, "benchmarks", "peers_trl.py"), "--model", model_dir, "--data", data_path,
-            "--out", out, "--row-tokens", str(args.row_tokens), "--grad-accum", str(args.grad_accum),
-            "--steps", str(args.steps), "--lr", str(args.lr)]
+    # One process: accelerate's simple launcher. Several: --multi_gpu, i.e. torchrun; without CUDA accelerate runs
+    # them as MULTI_CPU over gloo (its --cpu flag would start one process only, without mpirun).
+    mode = ["--multi_gpu"] if procs > 1 else ["--cpu"]
+    argv = [
+        _venv_python(args.trl_venv),
+        "-m",
+        "accelerate.commands.launch",
+        *mode,
+        "--num_processes",
+        str(procs),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        str(threads),
+        "--main_process_port",
+        str(free_port()),
+        os.path.join(REPO, "benchmarks", "peers_trl.py"),
+        "--model",
+        model_dir,
+        "--data",
+        data_path,
+        "--out",
+        out,
+        "--row-tokens",
+        str(args.row_tokens),
+        "--grad-accum",
+        str(args.grad_accum),
+        "--steps",
+        str(args.steps),
+        "--lr",
+        str(args.lr),
+    ]
     if check_isolation:
         argv.append("--check-isolation")
     env = _clean_env(OMP_NUM_THREADS=str(threads))
@@ -459,8 +556,9 @@ def side_summary(runs: list[dict], warmup_steps: int) -> dict:
         "steps_per_run": [len(r["steps"]) for r in runs],
         "tokens_per_step": statistics.mean(s["num_tokens"] for s in all_steps),
         "median_tokens_per_s": statistics.median(s["num_tokens"] / s["seconds"] for s in timed),
-        "median_tokens_per_s_per_run": [statistics.median(s["num_tokens"] / s["seconds"]
-                                                          for s in r["steps"][warmup_steps:]) for r in runs],
+        "median_tokens_per_s_per_run": [
+            statistics.median(s["num_tokens"] / s["seconds"] for s in r["steps"][warmup_steps:]) for r in runs
+        ],
         "peak_rss_gib": max(max(r["peak_rss_gib"]) for r in runs),
         "processes": max(len(r["peak_rss_gib"]) for r in runs),
         "first_loss": [r["steps"][0].get("loss") for r in runs],
@@ -478,8 +576,10 @@ def load_average() -> str:
 
 def print_table(results: dict) -> None:
     rows = []
-    header = (f"{'set':<5} {'procs':>5} {'side':<6} {'tokens/step':>11} {'median tok/s':>12} {'ratio':>6} "
-              f"{'peak RSS GiB':>12} {'RSS ratio':>9} {'first loss':>11} {'last loss':>10} {'wall s':>11}")
+    header = (
+        f"{'set':<5} {'procs':>5} {'side':<6} {'tokens/step':>11} {'median tok/s':>12} {'ratio':>6} "
+        f"{'peak RSS GiB':>12} {'RSS ratio':>9} {'first loss':>11} {'last loss':>10} {'wall s':>11}"
+    )
     rows.append(header)
     rows.append("-" * len(header))
     for setting in results["settings"]:
@@ -493,7 +593,8 @@ def print_table(results: dict) -> None:
                 f"{setting['dataset']:<5} {setting['procs']:>5} {side:<6} {s['tokens_per_step']:>11,.0f} "
                 f"{s['median_tokens_per_s']:>12,.0f} {ratio:>6} {s['peak_rss_gib']:>12.2f} {rss:>9} "
                 f"{s['first_loss'][0]:>11.4f} {s['last_loss'][-1]:>10.4f} "
-                f"{'/'.join(f'{w:.0f}' for w in s['wall_s']):>11}")
+                f"{'/'.join(f'{w:.0f}' for w in s['wall_s']):>11}"
+            )
     print("\n".join(rows), flush=True)
 
 
@@ -501,24 +602,32 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     started = time.perf_counter()
-    results = {"command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "load_average_before": load_average(), "machine": {"cpu_count": os.cpu_count(),
-                                                                  "python": platform.python_version()},
-               "settings": [], "datasets": {}, "isolation": {}}
+    results = {
+        "command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_before": load_average(),
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "settings": [],
+        "datasets": {},
+        "isolation": {},
+    }
     if not args.smoke:
         results["versions"] = ensure_trl_venv(args.trl_venv, args.trl_version)
     import deepspeed
     import torch
     import transformers
 
-    results["machine"].update(torch=torch.__version__, transformers=transformers.__version__,
-                              deepspeed=deepspeed.__version__)
+    results["machine"].update(
+        torch=torch.__version__, transformers=transformers.__version__, deepspeed=deepspeed.__version__
+    )
     base = make_base_model(args.work, args.smoke)
     results["model"] = dict(SMOKE_MODEL if args.smoke else MODEL, parameters=_num_params(base))
     data = {}
     for name in args.datasets:
-        sources = demo_sources(args.work, args.smoke) if name == "demo" else long_sources(
-            args.work, args.long_conversations, args.smoke)
+        sources = (
+            demo_sources(args.work, args.smoke)
+            if name == "demo"
+            else long_sources(args.work, args.long_conversations, args.smoke)
+        )
         tag = f"{name}_smoke" if args.smoke else name
         recipe = write_recipe(args.work, tag, base, sources, args)
         data[name] = prepare_data(recipe, os.path.join(args.work, f"trl_{tag}.jsonl"))
@@ -533,34 +642,58 @@ def main(argv: list[str] | None = None) -> dict:
             epochs = epochs_for(data[name], args, procs)
             for repeat in range(args.repeats):
                 tag = f"{name}_p{procs}_r{repeat}"
-                runs["crlft"].append(run_crlft(data[name]["recipe_path"], os.path.join(args.work, "runs",
-                                                                                       "crlft_" + tag),
-                                               procs, epochs, args))
+                runs["crlft"].append(
+                    run_crlft(
+                        data[name]["recipe_path"], os.path.join(args.work, "runs", "crlft_" + tag), procs, epochs, args
+                    )
+                )
                 if not args.smoke:
-                    trl = run_trl(base, os.path.join(args.work, f"trl_{name}.jsonl"),
-                                  os.path.join(args.work, "runs", "trl_" + tag), procs, args,
-                                  check_isolation=repeat == 0 and procs == args.procs[0])
+                    trl = run_trl(
+                        base,
+                        os.path.join(args.work, f"trl_{name}.jsonl"),
+                        os.path.join(args.work, "runs", "trl_" + tag),
+                        procs,
+                        args,
+                        check_isolation=repeat == 0 and procs == args.procs[0],
+                    )
                     if trl.get("isolation"):
                         results["isolation"][f"trl/{name}"] = trl["isolation"]
                     runs["trl"].append(trl)
-                print(f"  {tag}: crlft {runs['crlft'][-1]['wall_s']:.0f} s"
-                      + (f", trl {runs['trl'][-1]['wall_s']:.0f} s" if runs["trl"] else "")
-                      + f" (load {load_average()})", flush=True)
-            setting = {"dataset": name, "procs": procs, "threads_per_process": max(1, args.threads // procs),
-                       "crlft": side_summary(runs["crlft"], args.warmup_steps), "raw": runs}
+                print(
+                    f"  {tag}: crlft {runs['crlft'][-1]['wall_s']:.0f} s"
+                    + (f", trl {runs['trl'][-1]['wall_s']:.0f} s" if runs["trl"] else "")
+                    + f" (load {load_average()})",
+                    flush=True,
+                )
+            setting = {
+                "dataset": name,
+                "procs": procs,
+                "threads_per_process": max(1, args.threads // procs),
+                "crlft": side_summary(runs["crlft"], args.warmup_steps),
+                "raw": runs,
+            }
             if runs["trl"]:
                 setting["trl"] = side_summary(runs["trl"], args.warmup_steps)
-                setting["speed_ratio"] = (setting["crlft"]["median_tokens_per_s"]
-                                          / setting["trl"]["median_tokens_per_s"])
+                setting["speed_ratio"] = setting["crlft"]["median_tokens_per_s"] / setting["trl"]["median_tokens_per_s"]
                 setting["rss_ratio"] = setting["crlft"]["peak_rss_gib"] / setting["trl"]["peak_rss_gib"]
-                setting["trl_config"] = {k: runs["trl"][0][k] for k in ("packing_strategy", "padding_free",
-                                                                         "attn_implementation", "torch_threads",
-                                                                         "packed_rows", "mean_row_tokens")}
+                setting["trl_config"] = {
+                    k: runs["trl"][0][k]
+                    for k in (
+                        "packing_strategy",
+                        "padding_free",
+                        "attn_implementation",
+                        "torch_threads",
+                        "packed_rows",
+                        "mean_row_tokens",
+                    )
+                }
             results["settings"].append(setting)
     results["load_average_after"] = load_average()
     results["total_s"] = time.perf_counter() - started
-    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}; "
-          f"{results['total_s']:.0f} s in all")
+    print(
+        f"load average before {results['load_average_before']}, after {results['load_average_after']}; "
+        f"{results['total_s']:.0f} s in all"
+    )
     print_table(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -58,17 +58,20 @@ def check_isolation(trainer, model, max_rows: int = 2) -> dict:
             differ from the per-conversation ones.
     """
     dataset = trainer.train_dataset
+    # Rows holding several conversations (bfd puts the longest ones first, often alone in their row).
+    rows = [i for i, lengths in enumerate(dataset["seq_lengths"]) if len(lengths) > 1][:max_rows]
     worst, leak, conversations = 0.0, 0.0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(min(max_rows, len(dataset))):
+        for i in rows:
             example = dataset[i]
             lengths = [int(n) for n in example["seq_lengths"]]
             batch = trainer.data_collator([example])
             expected = torch.cat([torch.arange(n) for n in lengths])
             assert "attention_mask" not in batch, "TRL's padding-free collator returned an attention mask"
             assert torch.equal(batch["position_ids"][0, : len(expected)], expected), (
-                "position_ids do not restart at every packed conversation")
+                "position_ids do not restart at every packed conversation"
+            )
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
             packed = model(**inputs, use_cache=False).logits[0].float()
             start = 0
@@ -80,15 +83,20 @@ def check_isolation(trainer, model, max_rows: int = 2) -> dict:
             conversations += len(lengths)
             # The same row with positions that do not restart (plain causal attention over the whole row): the
             # later conversations see the earlier ones, so their logits must change, or this check proves nothing.
-            if len(lengths) > 1:
-                t = batch["input_ids"].shape[1]
-                causal = model(input_ids=batch["input_ids"], position_ids=torch.arange(t)[None], use_cache=False)
-                leak = max(leak, (causal.logits[0, lengths[0] :].float() - packed[lengths[0] :]).abs().max().item())
+            t = batch["input_ids"].shape[1]
+            causal = model(input_ids=batch["input_ids"], position_ids=torch.arange(t)[None], use_cache=False)
+            leak = max(leak, (causal.logits[0, lengths[0] :].float() - packed[lengths[0] :]).abs().max().item())
     model.train()
+    assert rows, "no packed row holds more than one conversation"
     assert worst < 1e-3, f"packed logits differ from per-conversation ones by {worst:.3g}"
     assert leak > 100 * max(worst, 1e-6), f"the leak control changed the logits by only {leak:.3g}"
-    return {"rows": min(max_rows, len(dataset)), "conversations": conversations, "max_abs_logit_diff": worst,
-            "leak_control_max_abs_logit_diff": leak, "attn_implementation": model.config._attn_implementation}
+    return {
+        "rows": len(rows),
+        "conversations": conversations,
+        "max_abs_logit_diff": worst,
+        "leak_control_max_abs_logit_diff": leak,
+        "attn_implementation": model.config._attn_implementation,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,16 +156,20 @@ def main(argv: list[str] | None = None) -> dict:
             self.t0, self.tokens0 = time.perf_counter(), self.trainer._total_train_tokens
 
         def on_step_end(self, args_, state, control, **kwargs):
-            steps.append({"step": state.global_step, "seconds": time.perf_counter() - self.t0,
-                          "num_tokens": int(self.trainer._total_train_tokens - self.tokens0)})
+            steps.append(
+                {
+                    "step": state.global_step,
+                    "seconds": time.perf_counter() - self.t0,
+                    "num_tokens": int(self.trainer._total_train_tokens - self.tokens0),
+                }
+            )
 
         def on_log(self, args_, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and steps and "loss" not in steps[-1]:
                 steps[-1]["loss"] = float(logs["loss"])
 
     timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[timer])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
     timer.trainer = trainer
     set_up_s = time.perf_counter() - started
     isolation = check_isolation(trainer, trainer.model) if args.check_isolation and rank == 0 else None
@@ -171,8 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
         "rank": rank,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "torch_threads": torch.get_num_threads(),
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                     "datasets": datasets.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "datasets": datasets.__version__,
+            "python": sys.version.split()[0],
+        },
         "packing_strategy": config.packing_strategy,
         "padding_free": bool(trainer.padding_free),
         "attn_implementation": trainer.model.config._attn_implementation,
