@@ -67,8 +67,38 @@ def init_distributed() -> DistInfo:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
+    else:
+        _unlink_shm_allreduce_buffer()
     device = torch.device(accelerator.device_name(local_rank))
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from ``/dev/shm``; the mappings stay valid.
+
+    DeepSpeed's shared-memory all-reduce (the CPU accelerator's ``deepspeed_shm_comm`` op) creates a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}`` per rank while joining the group and never
+    unlinks it: every CPU run left them behind, in RAM (16 GB of them on the shared development machine). Each
+    rank has opened every other rank's buffer when its initialisation returns, so after a barrier no one needs the
+    names any more.
+    """
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(torch.distributed.get_rank()),
+        ]
+    )
+    path = os.path.join("/dev/shm", name)
+    if not os.path.exists(path):  # another DeepSpeed build, or no shared-memory op
+        return
+    torch.distributed.barrier()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def barrier() -> None:
