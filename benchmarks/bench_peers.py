@@ -688,6 +688,8 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 }
             results["settings"].append(setting)
+            _write_json(args.json, results)  # each setting as it is done, so a stopped run keeps what it measured
+            print_table(results)
     results["load_average_after"] = load_average()
     results["total_s"] = time.perf_counter() - started
     print(
@@ -695,11 +697,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['total_s']:.0f} s in all"
     )
     print_table(results)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    _write_json(args.json, results)
     return results
+
+
+def _write_json(path: str | None, results: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _num_params(model_dir: str) -> int:
