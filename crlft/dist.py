@@ -91,13 +91,10 @@ def _unlink_shm_allreduce_buffer() -> None:
             str(torch.distributed.get_rank()),
         ]
     )
-    path = os.path.join("/dev/shm", name)
-    if not os.path.exists(path):  # another DeepSpeed build, or no shared-memory op
-        return
-    torch.distributed.barrier()
+    torch.distributed.barrier()  # on every rank, whether or not its buffer exists, so that none waits alone
     try:
-        os.unlink(path)
-    except OSError:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # no such buffer: another DeepSpeed build, no shared-memory op, ranks on several nodes
         pass
 
 
