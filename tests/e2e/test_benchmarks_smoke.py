@@ -211,3 +211,38 @@ def test_gpu_wheels_builds_the_carried_folder(tmp_path):
     assert all(w.endswith("-none-any.whl") or "-cp312-cp312-" in w for w in wheels), wheels
     assert sum(os.path.getsize(out / w) for w in wheels) < 48 * 2**20
     assert "11 wheels" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/bench_peers.py (crlft vs TRL): its runs take minutes, so only its pieces are checked here
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_bench_peers_finds_the_training_processes_not_the_launchers():
+    import bench_peers
+
+    ranks = [["/usr/bin/python", "-u", "-m", "crlft.train", "--local_rank=0", "r.yaml"],
+             ["/venv/bin/python", "-u", "/repo/benchmarks/peers_trl.py", "--model", "m"],
+             ["/venv/bin/python", "/repo/benchmarks/peers_trl.py", "--model", "m"]]
+    launchers = [["/usr/bin/python", "/usr/bin/deepspeed", "--num_gpus", "2", "--module", "crlft.train", "r.yaml"],
+                 ["/usr/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--module", "crlft.train"],
+                 ["/venv/bin/python", "-m", "accelerate.commands.launch", "--multi_gpu", "/repo/peers_trl.py"],
+                 ["bash", "/repo/launch.sh", "r.yaml"], ["/usr/bin/python", "-m", "crlft", "prepare", "r.yaml"]]
+    assert all(bench_peers.is_training_process(a) for a in ranks)
+    assert not any(bench_peers.is_training_process(a) for a in launchers)
+
+
+def test_bench_peers_long_tailed_set_and_summary():
+    import bench_peers
+
+    records = bench_peers.long_tailed_conversations(300, 600, seed=0, tokens_per_word=0.95)
+    assert len(records) == 300 and {len(r["conversations"]) for r in records} == {2, 4, 6}  # 1-3 turns
+    words = sorted(sum(len(m["value"].split()) for m in r["conversations"]) for r in records)
+    assert 500 < words[150] < 700 and words[-1] > 3 * words[150]  # median ~600 tokens, a long tail
+    run = {"steps": [{"num_tokens": 100, "seconds": 10.0, "loss": 3.0}] + [
+        {"num_tokens": 100, "seconds": s, "loss": 2.0} for s in (1.0, 2.0, 4.0)], "wall_s": 9.0,
+        "peak_rss_gib": [1.5, 1.0]}
+    summary = bench_peers.side_summary([run, run], warmup_steps=1)
+    assert summary["median_tokens_per_s"] == 50.0 and summary["tokens_per_step"] == 100
+    assert summary["peak_rss_gib"] == 1.5 and summary["processes"] == 2
+    assert summary["first_loss"] == [3.0, 3.0] and summary["last_loss"] == [2.0, 2.0]
