@@ -18,6 +18,7 @@ Why a crash at any moment leaves a resumable run is in ``docs/design.md`` ("Chec
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -260,6 +261,7 @@ def save_checkpoint(
     keep_last: int,
     rank: int,
     barrier: Any,
+    exclude_frozen: bool = False,
 ) -> str:
     """Write the checkpoint after optimizer step ``step``; every rank must call it.
 
@@ -272,6 +274,7 @@ def save_checkpoint(
         keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
         rank: this process's global rank.
         barrier: ``callable()`` synchronising all ranks.
+        exclude_frozen: leave out parameters that do not train (a LoRA run's base, reloaded from ``model.base``).
 
     Returns:
         The complete checkpoint's path.
@@ -284,7 +287,8 @@ def save_checkpoint(
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
     barrier()
-    engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
+    engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     torch.save(rng_state(), _rng_file(tmp, rank))
     if rank == 0:
         hf_files(os.path.join(tmp, HF_FILES_DIR))
@@ -303,8 +307,10 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
+def load_checkpoint(engine: Any, checkpoint: str, rank: int, strict: bool = True) -> dict[str, Any]:
     """Load model, optimizer and scheduler states into ``engine`` and this rank's RNG states; every rank calls it.
+
+    ``strict=False`` accepts a checkpoint without the frozen parameters (``save_checkpoint(exclude_frozen=True)``).
 
     Returns:
         The checkpoint's trainer state.
@@ -314,7 +320,8 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int) -> dict[str, Any]:
     """
     state = read_trainer_state(checkpoint)
     root, tag = os.path.split(os.path.normpath(checkpoint))
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          load_module_strict=strict)
     if load_path is None:
         raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
     rng_file = _rng_file(checkpoint, rank)
@@ -362,7 +369,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
 
     The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
     (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
+    normalisation, ``model.lora``). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
     """
     t = recipe.train
     return {
@@ -383,6 +390,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
         "grad_clip": t.grad_clip,
         "loss_normalization": t.loss_normalization,
         "zero_stage": recipe.deepspeed.zero_stage,
+        **({"lora": dataclasses.asdict(recipe.model.lora)} if recipe.model.lora is not None else {}),
     }
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from crlft import attention
 from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.lora import apply_lora
 from crlft.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -192,13 +193,14 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
 
     Args:
         recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
-            ``model.gradient_checkpointing``).
+            ``model.gradient_checkpointing``, ``model.lora``).
         tokenizer: the tokenizer from ``crlft.tokenizer.load_tokenizer`` (holds the template's special tokens).
         device: where the model will train, for the attention choice; default :func:`training_device`. The model
             itself is returned on the CPU (DeepSpeed moves it).
 
     Returns:
-        The ``PreTrainedModel``, in train mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
+        The ``PreTrainedModel`` (with ``model.lora``: a ``peft.PeftModel`` around it, the base frozen), in train
+        mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
 
     Raises:
         UserError: a base that is missing or not cached, or settings this machine cannot run.
@@ -223,12 +225,16 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     if recipe.model.gradient_checkpointing:
         # Non-reentrant: works with inputs that do not require grad and with ZeRO-3's parameter hooks.
         enable_gradient_checkpointing(model)
-    model.train()
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(
         f"model: {model_dir} ({model.config.model_type}), {num_params / 1e6:,.1f}M parameters, {dtype}, "
         f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
     )
+    if recipe.model.lora is not None:
+        model = apply_lora(model, recipe, tokenizer)  # logs trainable / total parameters
+    else:
+        logger.info(f"parameters: {num_params:,} trainable of {num_params:,} (full fine-tuning)")
+    model.train()
     return model
 
 

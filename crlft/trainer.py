@@ -21,6 +21,7 @@ import torch
 from deepspeed.utils import logger as deepspeed_logger
 
 from crlft import checkpoint as ckpt
+from crlft import lora
 from crlft.collate import flash_attention_kwargs
 from crlft.config import Recipe, deepspeed_config
 from crlft.dist import DistInfo, barrier, init_distributed
@@ -220,6 +221,8 @@ def set_up(recipe: Recipe) -> Run:
 
     ds_config = deepspeed_config(recipe)
     model = load_model(recipe, tokenizer, dist.device)
+    if m.lora is not None and m.lora.dropout > 0:
+        torch.manual_seed(lora.dropout_seed(t.seed, dist.rank))  # one set of dropout masks per rank, not shared
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
     engine = _engine(recipe, ds_config, model, lr, total_steps, dist.device)
     return Run(recipe=recipe, dist=dist, template=template, tokenizer=tokenizer, model=model, engine=engine,
@@ -252,7 +255,8 @@ def maybe_resume(run: Run) -> None:
     """Load the checkpoint chosen in :func:`set_up` (if any); drop the metrics lines logged after it."""
     progress = run.progress
     if run.resume_from is not None:
-        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank)
+        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank,
+                                     strict=run.recipe.model.lora is None)  # LoRA: the base is not saved
         run.loader.load_state_dict(saved["loader"])
         progress.step, progress.tokens_seen = saved["step"], saved.get("tokens_seen", 0)
         progress.wandb_run_id = saved.get("wandb_run_id")
@@ -307,9 +311,8 @@ def checkpoint_and_export(run: Run, step: PackedStep) -> None:
     if epoch_end or run.reached_max_steps() or periodic:
         progress.last_checkpoint = ckpt.save_checkpoint(
             run.engine, t.output_dir, progress.step, _trainer_state(run, _epoch_progress(step)),
-            hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d,
-                                                  max_context=run.recipe.model.max_context),
-            keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
+            hf_files=lambda d: _save_hf_files(run, d), keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
+            exclude_frozen=run.recipe.model.lora is not None,
         )
     if epoch_end:
         progress.epoch_export = (progress.step, _export(run, progress.last_checkpoint, f"epoch_{step.epoch + 1}"))
@@ -329,6 +332,13 @@ def finish(run: Run) -> dict[str, Any]:
     torch.distributed.destroy_process_group()
     return {"step": progress.step, "final_loss": progress.last_loss, "export": final_export,
             "checkpoint": progress.last_checkpoint}
+
+
+def _save_hf_files(run: Run, out_dir: str) -> None:
+    """A checkpoint's ``hf/`` files; a LoRA run adds peft's ``adapter_config.json`` (naming the base)."""
+    ckpt.save_hf_files(run.model, run.tokenizer, run.template, out_dir, max_context=run.recipe.model.max_context)
+    if run.recipe.model.lora is not None:
+        lora.save_adapter_config(run.model, out_dir, lora.base_location(run.recipe))
 
 
 def _epoch_progress(step: PackedStep) -> float:
