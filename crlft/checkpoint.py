@@ -369,7 +369,8 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
 
     The data, the global batch (rows per rank, ranks, accumulation), the order (seed), what a token means
     (template, dtype) and everything that shapes the update (schedule, optimizer settings, clipping, loss
-    normalisation, ``model.lora``). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging, the base path.
+    normalisation, ``model.lora``). Free to change: ``max_steps``, ``save_every_steps``, ``keep_last``, logging,
+    the base path.
     """
     t = recipe.train
     return {

@@ -482,8 +482,8 @@ def recipe_reference() -> str:
 
     The README's recipe reference is this text; a test keeps the two identical.
     """
-    sections = [("model", ModelConfig), ("model.lora", LoraSection), ("data", DataConfig), ("data.sources[]", SourceConfig),
-                ("train", TrainConfig), ("deepspeed", DeepSpeedSection), ("logging", LoggingConfig),
+    sections = [("model", ModelConfig), ("model.lora", LoraSection), ("data", DataConfig),
+                ("data.sources[]", SourceConfig), ("train", TrainConfig), ("deepspeed", DeepSpeedSection), ("logging", LoggingConfig),
                 ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
     lines: list[str] = []
     for name, cls in sections:
@@ -512,6 +512,8 @@ def _reference_type(tp: Any) -> str:
         return "list of sources" if dataclasses.is_dataclass(args[0]) else f"list of {_reference_type(args[0])}"
     if origin is dict:
         return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section"
     return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 

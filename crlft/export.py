@@ -15,6 +15,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from crlft import lora
 from crlft.checkpoint import (
     COMPLETE_MARKER,
     EXPORT_INFO_FILE,
@@ -23,7 +24,6 @@ from crlft.checkpoint import (
     read_trainer_state,
     write_json,
 )
-from crlft import lora
 from crlft.errors import UserError
 from crlft.model import DTYPES
 
@@ -63,8 +63,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
     The directory holds ``model.safetensors`` (sharded above 5 GB), ``config.json``, ``generation_config.json``
     (eos = the template's end-of-turn token), the tokenizer with the template's ``chat_template``, and
     ``crlft_export.json`` (where it came from). A LoRA run's export holds the merged model, and the adapter alone
-    in ``adapter/`` (peft's files and the tokenizer; its base is read from ``model.base``). It is written as ``OUT.tmp`` and renamed, so it is never half
-    there; an existing ``OUT`` is replaced.
+    in ``adapter/`` (peft's files and the tokenizer; its base is read from ``model.base``). It is written as
+    ``OUT.tmp`` and renamed, so it is never half there; an existing ``OUT`` is replaced.
 
     Args:
         checkpoint: a complete checkpoint directory (``.../checkpoints/step_N``).

@@ -216,6 +216,22 @@ def count_lora_parameters(config: Any, recipe: Recipe, num_tokens: int) -> tuple
     return adapters, token_rows, targets
 
 
+def lora_activation_bytes(config: Any, recipe: Recipe, targets: list[str], num_tokens: int,
+                          bytes_per_value: int = 2) -> int:
+    """Activations the adapters add to one packed row (``crlft.memory.activation_bytes`` has the base's).
+
+    Per token and adapted layer (input width ``i``): the ``r``-wide output of ``A`` (``r·b``), and with dropout its
+    output (``i·b``) and its mask (``i`` bytes). Every layer keeps them without gradient checkpointing; with it only
+    the layer being recomputed does.
+    """
+    h, inter = int(config.hidden_size), int(getattr(config, "intermediate_size", 4 * int(config.hidden_size)))
+    widths = {"down_proj": inter}  # every other linear layer of a Mistral/Llama block reads the hidden state
+    lora, b = recipe.model.lora, bytes_per_value
+    per_layer = sum(lora.r * b + (widths.get(t, h) * (b + 1) if lora.dropout > 0 else 0) for t in targets)
+    layers = 1 if recipe.model.gradient_checkpointing else int(config.num_hidden_layers)
+    return layers * num_tokens * per_layer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and exports
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +333,7 @@ __all__ = [
     "is_lora_checkpoint",
     "is_lora_model",
     "load_adapter_model",
+    "lora_activation_bytes",
     "lora_config",
     "output_rows",
     "parameter_counts",

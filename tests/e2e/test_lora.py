@@ -131,7 +131,9 @@ def test_only_the_adapters_and_the_new_token_rows_changed(runs, tiny_mistral_dir
         old_rows = torch.ones(base[name].shape[0], dtype=torch.bool)
         old_rows[new] = False
         assert torch.equal(merged[name][old_rows], base[name][old_rows]), name  # bit-identical
-        assert (merged[name][new] - base[name][new]).abs().min() > 0, name  # every new row moved
+        # The input embedding's <|pad_0|> row is its padding_idx: zero and without gradient, as in full fine-tuning.
+        trained = new if name == "lm_head.weight" else [END_OF_TURN_ID]
+        assert (merged[name][trained] - base[name][trained]).abs().amax(dim=1).min() > 1e-4, name
     adapted = [k for k in base if k.endswith("proj.weight")]
     assert len(adapted) == 2 * 7
     for name in base:
