@@ -483,8 +483,8 @@ def recipe_reference() -> str:
     The README's recipe reference is this text; a test keeps the two identical.
     """
     sections = [("model", ModelConfig), ("model.lora", LoraSection), ("data", DataConfig),
-                ("data.sources[]", SourceConfig), ("train", TrainConfig), ("deepspeed", DeepSpeedSection), ("logging", LoggingConfig),
-                ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
+                ("data.sources[]", SourceConfig), ("train", TrainConfig), ("deepspeed", DeepSpeedSection),
+                ("logging", LoggingConfig), ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
     lines: list[str] = []
     for name, cls in sections:
         hints = typing.get_type_hints(cls, include_extras=True)
