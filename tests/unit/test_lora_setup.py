@@ -171,3 +171,23 @@ def test_plan_of_the_lora_recipe_fits_one_24_gb_gpu(tmp_path, capsys):
     assert total_gib * 2**30 <= 24e9, out
     # The recipe's comment (and the README) quote this figure.
     assert f"{total_gib} GiB" in open(LORA_RECIPE).read()
+
+
+def test_the_lora_benchmark_runs_are_valid_lora_recipes(tmp_path):
+    """benchmarks/lora_effect.py: crlft_effect's three runs, as adapters on the given base (no run here)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+    from lora_effect import METHODS, lora_overrides
+
+    demo = os.path.join(REPO_ROOT, "recipes", "demo.yaml")
+    seen = {}
+    for method in METHODS:
+        recipe = load_recipe(demo, lora_overrides(method, 1, str(tmp_path), "/base/export", 3, 90, 1e-2, 8))
+        assert recipe.model.base == "/base/export" and recipe.model.create_if_missing is None
+        assert (recipe.model.lora.r, recipe.model.lora.alpha) == (8, 16)
+        assert recipe.train.seed == 1 and recipe.train.max_steps == 90 and recipe.train.lr == 1e-2
+        assert recipe.train.output_dir == str(tmp_path / f"{method}_s1")
+        seen[method] = [(s.condition, s.reward) for s in recipe.data.sources]
+    assert seen == {"lora_sft_all": [("", 1.0), ("", 1.0)], "lora_sft_expert": [("", 1.0)],
+                    "lora_crlft": [("GPT4", 1.0), ("GPT3", 0.1)]}
