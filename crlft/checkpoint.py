@@ -287,8 +287,8 @@ def save_checkpoint(
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
     barrier()
-    engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False,
-                           exclude_frozen_parameters=exclude_frozen)
+    frozen = {"exclude_frozen_parameters": True} if exclude_frozen else {}  # (DeepSpeed's default: False)
+    engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False, **frozen)
     torch.save(rng_state(), _rng_file(tmp, rank))
     if rank == 0:
         hf_files(os.path.join(tmp, HF_FILES_DIR))
@@ -320,8 +320,9 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int, strict: bool = True
     """
     state = read_trainer_state(checkpoint)
     root, tag = os.path.split(os.path.normpath(checkpoint))
+    lenient = {} if strict else {"load_module_strict": False}  # (DeepSpeed's default: strict)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                                          load_module_strict=strict)
+                                          **lenient)
     if load_path is None:
         raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
     rng_file = _rng_file(checkpoint, rank)
