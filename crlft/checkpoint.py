@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -293,6 +294,7 @@ def save_checkpoint(
     keep_last: int,
     rank: int,
     barrier: Any,
+    exclude_frozen: bool = False,
 ) -> str:
     """Write the checkpoint after optimizer step ``step``; every rank must call it.
 
@@ -305,6 +307,7 @@ def save_checkpoint(
         keep_last: complete checkpoints to keep; older ones are deleted after this one is complete.
         rank: this process's global rank.
         barrier: ``callable()`` synchronising all ranks.
+        exclude_frozen: leave out parameters that do not train (a LoRA run's base, reloaded from ``model.base``).
 
     Returns:
         The complete checkpoint's path.
@@ -318,8 +321,9 @@ def save_checkpoint(
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
     barrier()
+    frozen = {"exclude_frozen_parameters": True} if exclude_frozen else {}  # (DeepSpeed's default: False)
     with _disk_full_reported(tmp, output_dir):
-        engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
+        engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False, **frozen)
         write_json(rng_file(tmp, rank), rng_state_to_json(rng_state()))
         if rank == 0:
             hf_files(os.path.join(tmp, HF_FILES_DIR))
@@ -370,7 +374,7 @@ def _disk_full_reported(path: str, output_dir: str):
 
 
 def load_checkpoint(engine: Any, checkpoint: str, rank: int,
-                    deepspeed_location: tuple[str, str] | None = None) -> dict[str, Any]:
+                    deepspeed_location: tuple[str, str] | None = None, strict: bool = True) -> dict[str, Any]:
     """Load model, optimizer and scheduler states into ``engine`` and this rank's RNG states; every rank calls it.
 
     Args:
@@ -379,6 +383,7 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int,
         rank: this process's global rank.
         deepspeed_location: ``(load_dir, tag)`` of DeepSpeed's states when they are read from elsewhere (the
             universal form of a checkpoint written by another number of ranks, ``crlft.reshard``).
+        strict: False accepts a checkpoint without the frozen parameters (``save_checkpoint(exclude_frozen=True)``).
 
     Returns:
         The checkpoint's trainer state.
@@ -388,7 +393,9 @@ def load_checkpoint(engine: Any, checkpoint: str, rank: int,
     """
     state = read_trainer_state(checkpoint)
     root, tag = deepspeed_location or os.path.split(os.path.normpath(checkpoint))
-    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    lenient = {} if strict else {"load_module_strict": False}  # (DeepSpeed's default: strict)
+    load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                          **lenient)
     if load_path is None:
         raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
     rng = read_rng_file(checkpoint, rank)
@@ -442,7 +449,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
     The data, the global batch (tokens per row and rows per step = ranks × accumulation: the plan and the loss
     depend on the product only, so R × A may resume as R' × A' with R'·A' = R·A, ``crlft.reshard``), the order
     (seed), what a token means (template, dtype) and everything that shapes the update (schedule, optimizer
-    settings, clipping, loss normalisation, the schedule's length ``max_steps``). Free to change:
+    settings, clipping, loss normalisation, the schedule's length ``max_steps``, ``model.lora``). Free to change:
     ``stop_after_steps``, ``save_every_steps``, ``keep_last``, exports, logging, the base path.
     """
     t = recipe.train
@@ -464,6 +471,7 @@ def resume_fingerprint(recipe: Recipe, data_hash: str, world_size: int) -> dict[
         "grad_clip": t.grad_clip,
         "loss_normalization": t.loss_normalization,
         "zero_stage": recipe.deepspeed.zero_stage,
+        **({"lora": dataclasses.asdict(recipe.model.lora)} if recipe.model.lora is not None else {}),
     }
 
 

@@ -63,6 +63,27 @@ class _Section:
 
 
 @section(config=SECTION_CONFIG)
+class LoraSection(_Section):
+    """LoRA adapters on the frozen base (built with ``peft``; see ``crlft/lora.py``)."""
+
+    r: Int = 16
+    """Rank of every adapter (``peft.LoraConfig.r``)."""
+
+    alpha: Number = 32.0
+    """Scale numerator: the adapter's update is multiplied by ``alpha / r`` (``lora_alpha``)."""
+
+    dropout: Number = 0.05
+    """Dropout on each adapter's input (``lora_dropout``); 0 makes runs with any rank count give the same update."""
+
+    target_modules: list[Text] | None = None
+    """Names of the linear layers to adapt (``q_proj``, ...); ``null``: every linear layer of the decoder blocks."""
+
+    trainable_tokens: list[Text] | None = None
+    """Tokens whose input and output embedding rows are trained (the rest of both matrices stays frozen);
+    ``null``: the template's control tokens (``<|end_of_turn|>``, ``<|pad_0|>`` for ``openchat_3.5``)."""
+
+
+@section(config=SECTION_CONFIG)
 class ModelConfig(_Section):
     """What to train and how it is tokenized."""
 
@@ -99,6 +120,9 @@ class ModelConfig(_Section):
     create_if_missing: dict[str, Any] | None = None
     """``MistralConfig`` fields. When set and ``base`` is a local directory that does not exist yet, a randomly
     initialised Mistral of this shape is created there with the template's tokenizer (used by the demo)."""
+
+    lora: LoraSection | None = None
+    """LoRA settings (see ``model.lora``); ``null``: full fine-tuning of every weight."""
 
 
 @section(config=SECTION_CONFIG)
@@ -360,6 +384,8 @@ class Recipe:
         yield (m.template in TEMPLATES, ("model", "template"),
                f"unknown template {m.template!r}; known: {', '.join(sorted(TEMPLATES))}")
         yield (m.max_context > 0, ("model", "max_context"), "must be positive")
+        if m.lora is not None:
+            yield from _lora_rules(m.lora)
 
         yield (bool(d.output_dir), ("data", "output_dir"), "is required")
         yield (len(d.sources) > 0, ("data", "sources"), "needs at least one source")
@@ -414,6 +440,16 @@ class Recipe:
                 if not f.name.startswith("_") and f.name != "source_path"}
 
 
+def _lora_rules(lora: LoraSection) -> Iterator[tuple[bool, tuple, str]]:
+    """The rules of ``model.lora`` (see ``Recipe._rules``)."""
+    where = ("model", "lora")
+    yield (lora.r >= 1, (*where, "r"), "must be ≥ 1")
+    yield (math.isfinite(lora.alpha) and lora.alpha > 0, (*where, "alpha"), "must be positive")
+    yield (0 <= lora.dropout < 1, (*where, "dropout"), "must be in [0, 1)")
+    yield (lora.target_modules is None or len(lora.target_modules) > 0, (*where, "target_modules"),
+           "must name at least one module, or be null (every linear layer of the decoder blocks)")
+
+
 def _source_rules(sources: list[SourceConfig]) -> Iterator[tuple[bool, tuple, str]]:
     """The rules of ``data.sources`` (see ``Recipe._rules``)."""
     seen: set[str] = set()
@@ -463,6 +499,10 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "contiguous_gradients": True,
         "reduce_bucket_size": 5e8,
     }
+    if m.lora is not None:
+        from crlft.lora import zero_overrides  # (crlft.lora reads Recipe from this module)
+
+        zero.update(zero_overrides())
     if ds.zero_stage == 3:
         # Export writes one consolidated 16-bit copy of the weights from the shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -510,9 +550,9 @@ def recipe_reference() -> str:
 
     The README's recipe reference is this text; a test keeps the two identical.
     """
-    sections = [("model", ModelConfig), ("data", DataConfig), ("data.sources[]", SourceConfig),
-                ("train", TrainConfig), ("deepspeed", DeepSpeedSection), ("logging", LoggingConfig),
-                ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
+    sections = [("model", ModelConfig), ("model.lora", LoraSection), ("data", DataConfig),
+                ("data.sources[]", SourceConfig), ("train", TrainConfig), ("deepspeed", DeepSpeedSection),
+                ("logging", LoggingConfig), ("logging.wandb", WandbConfig), ("eval", EvalConfig)]
     lines: list[str] = []
     for name, cls in sections:
         hints = typing.get_type_hints(cls, include_extras=True)
@@ -540,6 +580,8 @@ def _reference_type(tp: Any) -> str:
         return "list of sources" if dataclasses.is_dataclass(args[0]) else f"list of {_reference_type(args[0])}"
     if origin is dict:
         return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section"
     return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 

@@ -15,6 +15,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from crlft import lora
 from crlft.checkpoint import (
     COMPLETE_MARKER,
     EXPORT_INFO_FILE,
@@ -61,8 +62,9 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
 
     The directory holds ``model.safetensors`` (sharded above 5 GB), ``config.json``, ``generation_config.json``
     (eos = the template's end-of-turn token), the tokenizer with the template's ``chat_template``, and
-    ``crlft_export.json`` (where it came from). It is written as ``OUT.tmp`` and renamed, so it is never half
-    there; an existing ``OUT`` is replaced.
+    ``crlft_export.json`` (where it came from). A LoRA run's export holds the merged model, and the adapter alone
+    in ``adapter/`` (peft's files and the tokenizer; its base is read from ``model.base``). It is written as
+    ``OUT.tmp`` and renamed, so it is never half there; an existing ``OUT`` is replaced.
 
     Args:
         checkpoint: a complete checkpoint directory (``.../checkpoints/step_N``).
@@ -99,7 +101,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
     out_dir = os.path.normpath(out_dir)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(hf_dir, tmp)
+    # adapter_config.json stays out of the merged model: transformers would load the directory as an adapter.
+    shutil.copytree(hf_dir, tmp, ignore=shutil.ignore_patterns(lora.ADAPTER_CONFIG_FILE))
+    if lora.is_lora_checkpoint(hf_dir):  # a LoRA run: the merged model here, the adapter alone in adapter/
+        tensors = lora.export_lora(checkpoint, hf_dir, tensors, torch_dtype, os.path.join(tmp, lora.ADAPTER_DIR))
+        num_params = sum(t.numel() for t in {id(t): t for t in tensors.values()}.values())
     config = AutoConfig.from_pretrained(hf_dir)
     config.dtype = torch_dtype
     with torch.device("meta"):  # only for save_pretrained's bookkeeping: the weights come from `tensors`
@@ -117,6 +123,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, dtype: str | None = None, l
         "epoch": state.get("epoch_progress"),
         "dtype": dtype_name,
         "template": state.get("template"),
+        **({"adapter": lora.ADAPTER_DIR} if lora.is_lora_checkpoint(hf_dir) else {}),
     })
     _readable_by_all(tmp)
     if os.path.isdir(out_dir):

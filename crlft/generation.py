@@ -26,6 +26,7 @@ from crlft.config import Recipe
 from crlft.conversation import Conversation, Message
 from crlft.errors import UserError
 from crlft.jsonl import JsonLineError, read_jsonl
+from crlft.lora import ADAPTER_CONFIG_FILE, is_adapter_dir, load_adapter_model
 from crlft.render import condition_problem, render_batch
 from crlft.runlog import log_eval_to_wandb
 from crlft.templates import TEMPLATES, Template
@@ -35,22 +36,28 @@ def load_export(model_dir: str, dtype: str = "auto") -> tuple[Any, Any]:
     """Load an exported Hugging Face directory (model + tokenizer) for generation on this machine.
 
     Args:
-        model_dir: A directory written by training's export or ``crlft export``.
+        model_dir: A directory written by training's export or ``crlft export``, or a LoRA export's ``adapter/``
+            (loaded onto its base with ``peft``).
         dtype: ``auto`` (bf16 on GPUs, fp32 on CPUs), ``bfloat16`` or ``float32``.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on the GPU when there is one.
     """
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UserError(f"{model_dir}: not a model directory (no config.json); pass an export directory, e.g. "
-                        "RUN/export/final")
+    adapter = is_adapter_dir(model_dir)
+    if not adapter and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: not a model directory (no config.json) nor an adapter (no "
+                        f"{ADAPTER_CONFIG_FILE}); pass an export directory, e.g. RUN/export/final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    if adapter:  # a LoRA export's adapter/: its base (from adapter_config.json) with the adapter, through peft
+        model, tokenizer = load_adapter_model(model_dir, torch_dtype)
+        model = model.to(device).eval()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     if tokenizer.chat_template is None:
         raise UserError(f"{model_dir}: the tokenizer has no chat_template; export it with crlft")
     return model, tokenizer

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from crlft.collate import IGNORE_INDEX
+from crlft.lora import output_rows
 
 # 4096 supervised targets x 32,002 vocabulary x 4 bytes = 0.5 GB per fp32 copy of a chunk's logits; at most about
 # two copies live at once on the fused path (three to five on the checkpointed fallback). Small enough next to a 7B
@@ -67,8 +68,9 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, labels, loss_weights, chunk_size, needs_grad):
-        need_hidden, need_weight, need_bias = needs_grad
+    def forward(ctx, hidden, weight, bias, positions, labels, loss_weights, chunk_size, needs_grad, row_index=None,
+                row_values=None):
+        need_hidden, need_weight, need_bias, need_rows = needs_grad
         num_positions = hidden.shape[0]
         device = hidden.device
         total = torch.zeros((), dtype=torch.float32, device=device)
@@ -78,13 +80,20 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
         # grad_W in W's dtype: addmm_ accumulates each chunk's product into it in one rounding step, no fp32 copy.
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_bias else None
-        need_any = need_hidden or need_weight or need_bias
+        grad_rows = torch.zeros_like(row_values) if need_rows else None
+        if row_values is not None:
+            # Rows row_index of the effective weight are row_values (peft's trainable tokens): logits of those
+            # columns come from row_values, and grad_h = dlogits·W + dlogits[:, rows]·(row_values − W[rows]).
+            row_correction = row_values - weight.index_select(0, row_index) if need_hidden else None
+        need_any = need_hidden or need_weight or need_bias or need_rows
         for start in range(0, positions.numel(), chunk_size):
             idx = positions[start : start + chunk_size]
             chunk_labels = labels[start : start + chunk_size]
             chunk_weights = loss_weights[start : start + chunk_size]
             hidden_chunk = hidden.index_select(0, idx)
             logits = F.linear(hidden_chunk, weight, bias)  # [C, V] in the model's dtype
+            if row_values is not None:
+                logits.index_copy_(1, row_index, F.linear(hidden_chunk, row_values))
             chunk_correct = logits.argmax(dim=-1) == chunk_labels
             logits = logits.float()  # (frees a bf16 original before the next [C, V] tensor exists)
             # log_softmax in fp32, as the naive version's F.cross_entropy(logits.float()): same values, same
@@ -106,13 +115,20 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
             dlogits_mm = dlogits.to(weight.dtype)  # the naive backward also casts the gradient back to W's dtype
             del dlogits
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, dlogits_mm @ weight)
+                chunk_grad_hidden = dlogits_mm @ weight
+                if row_values is not None:
+                    chunk_grad_hidden.addmm_(dlogits_mm.index_select(1, row_index), row_correction)
+                grad_hidden.index_copy_(0, idx, chunk_grad_hidden)
             if grad_weight is not None:
                 grad_weight.addmm_(dlogits_mm.t(), hidden_chunk)
+            if grad_rows is not None:
+                grad_rows.addmm_(dlogits_mm.index_select(1, row_index).t(), hidden_chunk)
             del dlogits_mm  # before the next chunk's logits exist: at most two [C, V] copies at a time
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        if grad_weight is not None and row_values is not None:
+            grad_weight.index_fill_(0, row_index, 0)  # those rows of the effective weight are row_values, not W's
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_rows)
         ctx.mark_non_differentiable(ce, correct)
         return total, ce, correct
 
@@ -130,21 +146,41 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
                 # once, as the naive backward does. (.item() waits for the device, once per row.)
                 grad.mul_(grad_total if grad.dtype == torch.float32 else grad_total.item())
             grads.append(grad)
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, grads[3]
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """True when ``module`` is a plain ``nn.Linear`` whose call computes exactly ``F.linear(x, weight, bias)``."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        and "forward" not in module.__dict__  # no instance-level replacement (e.g. accelerate's device hooks)
+    )
+
+
+def _fused_target(lm_head: nn.Module) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """``(linear, rows)`` the fused path computes with, or None when it cannot.
+
+    A plain ``nn.Linear`` gives ``(lm_head, None)``. An ``lm_head`` wrapped by peft's trainable tokens (LoRA runs,
+    ``crlft.lora.output_rows``) gives its base ``Linear`` and ``(row indices, trainable rows)``: the effective
+    weight is the base's with those rows replaced, as in peft's own forward (which ignores a bias).
+    """
+    if _plain_linear(lm_head):
+        return lm_head, None
+    rows = output_rows(lm_head)
+    if rows is not None and _plain_linear(rows[0]) and rows[0].bias is None:
+        return rows[0], (rows[1], rows[2])
+    return None
 
 
 def _fused_applicable(lm_head: nn.Module) -> bool:
-    """True when ``lm_head`` is a plain ``nn.Linear`` whose call computes exactly ``F.linear(x, weight, bias)``."""
-    return (
-        isinstance(lm_head, nn.Linear)
-        and type(lm_head).forward is nn.Linear.forward
-        and "forward" not in lm_head.__dict__  # no instance-level replacement (e.g. accelerate's device hooks)
-    )
+    """True when the fused path can compute what a call of ``lm_head`` computes (see :func:`_fused_target`)."""
+    return _fused_target(lm_head) is not None
 
 
 def _fused_loss(
     hidden_states: torch.Tensor,
-    lm_head: nn.Linear,
+    lm_head: nn.Module,
     positions: torch.Tensor,
     labels: torch.Tensor,
     weights: torch.Tensor,
@@ -155,30 +191,36 @@ def _fused_loss(
     Calling the module (with its forward swapped for the fused function during the call) lets DeepSpeed ZeRO-3's
     module hooks do for the fused function what they do for a ``Linear``: gather the sharded weight before,
     re-gather it before the backward, and reduce its gradient. Only the differentiable sum leaves the module: ZeRO-3
-    hooks every tensor a module returns, and the detached logging outputs would leave hooks that never fire.
+    hooks every tensor a module returns, and the detached logging outputs would leave hooks that never fire. For an
+    ``lm_head`` wrapped by peft's trainable tokens the call is its base ``Linear``'s (see :func:`_fused_target`).
     """
     logging_outputs: dict[str, torch.Tensor] = {}
+    linear, rows = _fused_target(lm_head)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         # Use the module's input as given: ZeRO-3's hooks may have wrapped it to learn when its backward ends.
         grad_enabled = torch.is_grad_enabled()
-        weight, bias = lm_head.weight, lm_head.bias
+        weight, bias = linear.weight, linear.bias
+        # Read inside the call: under ZeRO-3 DeepSpeed gathers a parameter read during the forward (the trainable
+        # rows live in peft's wrapper, not in this Linear) and registers it with this module.
+        row_index, row_values = output_rows(lm_head)[1:] if rows is not None else (None, None)
         needs_grad = (
             grad_enabled and hidden.requires_grad,
             grad_enabled and weight.requires_grad,
             grad_enabled and bias is not None and bias.requires_grad,
+            grad_enabled and row_values is not None and row_values.requires_grad,
         )
         total, ce, correct = _LinearWeightedCrossEntropy.apply(
-            hidden, weight, bias, positions, labels, weights, chunk_size, needs_grad
+            hidden, weight, bias, positions, labels, weights, chunk_size, needs_grad, row_index, row_values
         )
         logging_outputs["ce"], logging_outputs["correct"] = ce, correct
         return total
 
-    lm_head.forward = forward  # an instance attribute shadows nn.Linear.forward for this call only
+    linear.forward = forward  # an instance attribute shadows nn.Linear.forward for this call only
     try:
-        total = lm_head(hidden_states)
+        total = linear(hidden_states)
     finally:
-        del lm_head.forward
+        del linear.forward
     return total, logging_outputs["ce"], logging_outputs["correct"]
 
 

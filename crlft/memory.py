@@ -78,6 +78,7 @@ def memory_per_gpu(
     bf16: bool = True,
     offload_optimizer: bool = False,
     offload_param: bool = False,
+    num_trainable: int | None = None,
 ) -> MemoryEstimate:
     """GPU memory of one rank for a ZeRO stage (formulas in ``docs/design.md``).
 
@@ -90,6 +91,8 @@ def memory_per_gpu(
         bf16: mixed precision (bf16 weights and gradients, fp32 master copy) or plain fp32.
         offload_optimizer: optimizer state in CPU memory.
         offload_param: weights in CPU memory (stage 3 only).
+        num_trainable: parameters that train (LoRA: the adapters and token rows); default all ``num_params``.
+            Gradients and optimizer state are kept for these only; the frozen rest costs its weights.
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -97,10 +100,11 @@ def memory_per_gpu(
     b = 2 if bf16 else 4
     k = 12 if bf16 else 8
     psi, n = float(num_params), float(num_gpus)
+    trained = psi if num_trainable is None else float(num_trainable)
     zero = ds_config.get("zero_optimization", {})
     weights = b * psi / (n if zero_stage >= 3 else 1)
-    gradients = b * psi / (n if zero_stage >= 2 else 1)
-    optimizer = k * psi / (n if zero_stage >= 1 else 1)
+    gradients = b * trained / (n if zero_stage >= 2 else 1)
+    optimizer = k * trained / (n if zero_stage >= 1 else 1)
     cpu = 0.0
     if offload_optimizer and zero_stage >= 1:
         cpu += optimizer

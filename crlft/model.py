@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, MistralConfig, 
 from crlft import attention, zero3_load
 from crlft.config import Recipe
 from crlft.errors import UserError
+from crlft.lora import apply_lora
 from crlft.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -207,14 +208,15 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
 
     Args:
         recipe: the recipe (``model.base``, ``model.dtype``, ``model.attn_implementation``,
-            ``model.gradient_checkpointing``).
+            ``model.gradient_checkpointing``, ``model.lora``).
         tokenizer: the tokenizer from ``crlft.tokenizer.load_tokenizer`` (holds the template's special tokens).
         device: where the model will train, for the attention choice; default :func:`training_device`. The model
             itself is returned on the CPU (DeepSpeed moves it).
         ds_config: the run's DeepSpeed configuration (for ZeRO-3's partitioned creation).
 
     Returns:
-        The ``PreTrainedModel``, in train mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
+        The ``PreTrainedModel`` (with ``model.lora``: a ``peft.PeftModel`` around it, the base frozen), in train
+        mode, ``use_cache`` off, embeddings sized ``len(tokenizer)``.
 
     Raises:
         UserError: a base that is missing or not cached, or settings this machine cannot run.
@@ -225,7 +227,9 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     model_dir = resolve_model_dir(recipe.model.base, where)
     dtype = model_dtype(recipe)
     attn = choose_attn_implementation(recipe.model.attn_implementation, device, dtype)
-    zero3 = ds_config is not None and recipe.deepspeed.zero_stage == 3
+    # With LoRA the base is frozen and peft builds its adapter and token rows from the base's full tensors, so
+    # LoRA under ZeRO-3 keeps the previous path (DeepSpeed partitions the loaded model at initialisation).
+    zero3 = ds_config is not None and recipe.deepspeed.zero_stage == 3 and recipe.model.lora is None
     if zero3:
         model = _load_partitioned(model_dir, dtype, attn, ds_config, len(tokenizer))
     else:
@@ -244,13 +248,17 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     if recipe.model.gradient_checkpointing:
         # Non-reentrant: works with inputs that do not require grad and with ZeRO-3's parameter hooks.
         enable_gradient_checkpointing(model)
-    model.train()
     num_params = sum(zero3_load.full_numel(p) for p in model.parameters())
     logger.info(
         f"model: {model_dir} ({model.config.model_type}), {num_params / 1e6:,.1f}M parameters, {dtype}, "
         f"attention {attn}, gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}"
         + (", created partitioned (ZeRO-3)" if zero3 else "")
     )
+    if recipe.model.lora is not None:
+        model = apply_lora(model, recipe, tokenizer)  # logs trainable / total parameters
+    else:
+        logger.info(f"parameters: {num_params:,} trainable of {num_params:,} (full fine-tuning)")
+    model.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device(), rss_before))
     return model

@@ -23,6 +23,7 @@ from crlft.errors import UserError
 from crlft.evaluation import eval_plan_lines
 from crlft.known_bases import known_base, known_config
 from crlft.loader import PackedLoader
+from crlft.lora import count_lora_parameters, lora_activation_bytes
 from crlft.memory import activation_bytes, memory_per_gpu
 from crlft.model import resolve_model_dir
 from crlft.prepare import load_prepared
@@ -334,15 +335,20 @@ def _memory_lines(recipe: Recipe, size: ModelSize, num_gpus: int) -> list[str]:
     ds_config = deepspeed_config(recipe)
     act = activation_bytes(size.config, t.batch_max_len, m.gradient_checkpointing, b)
     act_other = activation_bytes(size.config, t.batch_max_len, not m.gradient_checkpointing, b)
-    lines = [
+    trainable, lora_lines = None, []
+    if m.lora is not None:
+        trainable, lora_lines, extra = _lora_lines(recipe, size, b)
+        act, act_other = act + extra, act_other + extra
+    lines = lora_lines + [
         f"memory per GPU ({m.dtype}, batch_max_len {t.batch_max_len:,} tokens per micro-batch, "
-        f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; Ψ = {size.params_after:,})",
+        f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}; Ψ = {size.params_after:,}"
+        + (f", {trainable:,} of them trained" if trainable is not None else "") + ")",
         "  stage   weights  gradients  optimizer    buffers  activations      total" + ("        cpu"),
     ]
     for stage in range(4):
         est = memory_per_gpu(
-            size.params_after, num_gpus, stage, act, ds_config, bf16, ds.offload_optimizer,
-            ds.offload_param and stage == 3,
+            size.params_after + (trainable or 0), num_gpus, stage, act, ds_config, bf16, ds.offload_optimizer,
+            ds.offload_param and stage == 3, num_trainable=trainable,
         )
         mark = "→" if stage == ds.zero_stage else " "
         lines.append(
@@ -355,6 +361,28 @@ def _memory_lines(recipe: Recipe, size: ModelSize, num_gpus: int) -> list[str]:
         "  (formulas: docs/design.md, \"crlft plan\"; add ~1-3 GiB for the CUDA context and fragmentation)",
         "",
     ]
+
+
+def _lora_lines(recipe: Recipe, size: ModelSize, b: int) -> tuple[int, list[str], int]:
+    """``(trainable parameters, the report's LoRA lines, extra activation bytes)`` of a ``model.lora`` recipe."""
+    lora = recipe.model.lora
+    num_tokens = len(lora.trainable_tokens if lora.trainable_tokens is not None
+                     else get_template(recipe.model.template).control_tokens)
+    after = size.config.__class__.from_dict({**size.config.to_dict(), "vocab_size": size.vocab_after})
+    adapters, token_rows, targets = count_lora_parameters(after, recipe, num_tokens)
+    trainable = adapters + token_rows
+    total = size.params_after + adapters
+    extra = lora_activation_bytes(after, recipe, targets, recipe.train.batch_max_len, b)
+    lines = [
+        "LoRA (model.lora; the base is frozen)",
+        f"  r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g} on {', '.join(targets)}: {adapters:,} "
+        "adapter parameters",
+        f"  trainable token rows: {num_tokens} token(s) x hidden {after.hidden_size} in the input and output "
+        f"embeddings: {token_rows:,}",
+        f"  trainable: {trainable:,} of {total:,} parameters ({trainable / total:.3%})",
+        "",
+    ]
+    return trainable, lines, extra
 
 
 def _data_and_lr_lines(recipe: Recipe, size: ModelSize | None, num_gpus: int) -> list[str]:

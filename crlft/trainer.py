@@ -21,7 +21,7 @@ import torch
 from deepspeed.utils import logger as deepspeed_logger
 
 from crlft import checkpoint as ckpt
-from crlft import reshard
+from crlft import lora, reshard
 from crlft.collate import flash_attention_kwargs
 from crlft.conditions import inference_template
 from crlft.config import Recipe, deepspeed_config
@@ -265,6 +265,8 @@ def set_up(recipe: Recipe) -> Run:
         ds_config = reshard.universal_load_config(ds_config)
     logger.info(f"loading the model from {m.base} ...")
     model = load_model(recipe, tokenizer, dist.device, ds_config=ds_config)
+    if m.lora is not None and m.lora.dropout > 0:
+        torch.manual_seed(lora.dropout_seed(t.seed, dist.rank))  # one set of dropout masks per rank, not shared
     lr = _peak_lr(recipe, dataset, dist.world_size, model.config.model_type)
     logger.info(f"building the DeepSpeed engine (ZeRO-{recipe.deepspeed.zero_stage}, {dist.world_size} ranks) ...")
     engine = _engine(recipe, ds_config, model, lr, length.schedule_steps, dist.device)
@@ -302,7 +304,8 @@ def maybe_resume(run: Run) -> None:
     if run.resume_from is not None:
         logger.info(f"resuming from {run.resume_from} ...")
         location = reshard.convert_to_universal(run.resume_from, run.dist.rank, barrier) if run.reshard else None
-        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank, location)
+        saved = ckpt.load_checkpoint(run.engine, run.resume_from, run.dist.rank, location,
+                                     strict=run.recipe.model.lora is None)  # LoRA: the base is not saved
         if run.reshard:
             reshard.remove_universal(run.resume_from, run.dist.rank, barrier)
         run.loader.load_state_dict(saved["loader"])
@@ -368,9 +371,8 @@ def checkpoint_and_export(run: Run, step: PackedStep) -> None:
                            + nothing_written(progress.last_checkpoint))
         progress.last_checkpoint = ckpt.save_checkpoint(
             run.engine, t.output_dir, progress.step, _trainer_state(run, _epoch_progress(step)),
-            hf_files=lambda d: ckpt.save_hf_files(run.model, run.tokenizer, run.template, d,
-                                                  max_context=run.recipe.model.max_context),
-            keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
+            hf_files=lambda d: _save_hf_files(run, d), keep_last=t.keep_last, rank=run.dist.rank, barrier=barrier,
+            exclude_frozen=run.recipe.model.lora is not None,
         )
     if epoch_end and t.export_every_epoch:
         progress.epoch_export = (progress.step, _export(run, progress.last_checkpoint, f"epoch_{step.epoch + 1}"))
@@ -390,6 +392,13 @@ def finish(run: Run) -> dict[str, Any]:
     torch.distributed.destroy_process_group()
     return {"step": progress.step, "final_loss": progress.last_loss, "export": final_export,
             "checkpoint": progress.last_checkpoint}
+
+
+def _save_hf_files(run: Run, out_dir: str) -> None:
+    """A checkpoint's ``hf/`` files; a LoRA run adds peft's ``adapter_config.json`` (naming the base)."""
+    ckpt.save_hf_files(run.model, run.tokenizer, run.template, out_dir, max_context=run.recipe.model.max_context)
+    if run.recipe.model.lora is not None:
+        lora.save_adapter_config(run.model, out_dir, lora.base_location(run.recipe))
 
 
 def _epoch_progress(step: PackedStep) -> float:

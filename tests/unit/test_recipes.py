@@ -79,15 +79,18 @@ def test_openchat_recipe_paths_are_what_data_prep_writes():
     assert stems == {s.name for s in r.data.sources}  # nothing converted goes unused
 
 
-def test_openchat_recipe_spells_out_every_key():
+@pytest.mark.parametrize("path", [OPENCHAT, OPENCHAT.replace(".yaml", "_lora.yaml")], ids=os.path.basename)
+def test_openchat_recipe_spells_out_every_key(path):
     """Like torchtune's configs: every field of every section (and of every source) is written in the file."""
-    with open(OPENCHAT) as f:
+    with open(path) as f:
         raw = yaml.safe_load(f)
 
     def fields(cls):
         return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name != "source_path"}
 
-    recipe = load_recipe(OPENCHAT)
+    recipe = load_recipe(path)
+    if recipe.model.lora is not None:
+        assert set(raw["model"]["lora"]) == fields(type(recipe.model.lora))
     assert set(raw) == fields(Recipe)
     for section in raw:
         section_cls = type(getattr(recipe, section))
