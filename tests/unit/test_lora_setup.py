@@ -186,7 +186,7 @@ def test_the_lora_benchmark_runs_are_valid_lora_recipes(tmp_path):
         recipe = load_recipe(demo, lora_overrides(method, 1, str(tmp_path), "/base/export", 3, 90, 1e-2, 8))
         assert recipe.model.base == "/base/export" and recipe.model.create_if_missing is None
         assert (recipe.model.lora.r, recipe.model.lora.alpha) == (8, 16)
-        assert recipe.train.seed == 1 and recipe.train.max_steps == 90 and recipe.train.lr == 1e-2
+        assert recipe.train.seed == 1 and recipe.train.stop_after_steps == 90 and recipe.train.lr == 1e-2
         assert recipe.train.output_dir == str(tmp_path / f"{method}_s1")
         seen[method] = [(s.condition, s.reward) for s in recipe.data.sources]
     assert seen == {"lora_sft_all": [("", 1.0), ("", 1.0)], "lora_sft_expert": [("", 1.0)],

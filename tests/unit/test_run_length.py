@@ -114,7 +114,8 @@ def test_epoch_exports_follow_export_every_epoch(export_every_epoch, monkeypatch
     monkeypatch.setattr(trainer, "_export", lambda run, checkpoint, name, copy_of=None: exported.append(name) or name)
     monkeypatch.setattr(trainer, "_trainer_state", lambda run, epoch_progress: {})
     monkeypatch.setattr(trainer, "check_state_finite", lambda *a, **k: None)  # no engine here (crlft.guard)
-    recipe = SimpleNamespace(train=_train(epochs=2, export_every_epoch=export_every_epoch), model=None)
+    recipe = SimpleNamespace(train=_train(epochs=2, export_every_epoch=export_every_epoch),
+                             model=SimpleNamespace(lora=None))
     run = SimpleNamespace(recipe=recipe, progress=trainer.Progress(), engine=None, model=None, tokenizer=None,
                           template=None, dist=SimpleNamespace(rank=0), planned_steps=4,
                           reached_stop=lambda: run.progress.step >= 4)
