@@ -174,7 +174,7 @@ def measure_train(recipe: str, ranks: int, steps: int = 2) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(2 // ranks, 1)), DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "crlft.train", recipe,
-           f"train.max_steps={steps + 1}"]
+           f"train.stop_after_steps={steps + 1}"]
     log_path = out + ".log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -219,8 +219,11 @@ def _default_num_proc() -> int:
     return max(1, min(num_cpus, 16))
 
 
-def source_job(recipe: Recipe, source: SourceConfig) -> SourceJob:
+def source_job(recipe: Recipe, source: SourceConfig, key_path: tuple | None = None) -> SourceJob:
     """What the map workers need to know about a source; a local JSON file's bytes are checked here first.
+
+    ``key_path`` locates the source in the recipe (default: its place in ``data.sources``; held-out files pass
+    ``("data", "eval_sources", i)``).
 
     Raises:
         UserError: An invalid UTF-8 byte or an empty file (``crlft.sourcescan``).
@@ -229,7 +232,9 @@ def source_job(recipe: Recipe, source: SourceConfig) -> SourceJob:
     path = os.path.expanduser(source.path)
     bad_records: dict[int, str] = {}
     if os.path.splitext(path)[1].lower() in (".json", ".jsonl") and os.path.isfile(path):
-        bad_records = scan_json_source(path, recipe.where("data", "sources", recipe.data.sources.index(source), "path"))
+        if key_path is None:
+            key_path = ("data", "sources", recipe.data.sources.index(source))
+        bad_records = scan_json_source(path, recipe.where(*key_path, "path"))
     return SourceJob(
         name=source.name,
         path=path,
@@ -444,7 +449,7 @@ def _tokenize_source(recipe: Recipe, source: SourceConfig, key_path: tuple, fing
     """Read and tokenize one source: its kept rows (training columns), every record's statistics, the kept row
     numbers and its ``SourceJob``."""
     t0 = time.perf_counter()
-    job = source_job(recipe, source)  # before reading: it refuses files the reader would misread
+    job = source_job(recipe, source, key_path)  # before reading: it refuses files the reader would misread
     records = read_source(readable_source(source, job, work_dir), cache_dir=os.path.join(work_dir, "cache"),
                           where=recipe.where(*key_path, "path"))
     if source.max_samples is not None and source.max_samples < len(records):
