@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import datasets
 import pytest
 from helpers import REPO_ROOT as ROOT
 
@@ -298,12 +299,15 @@ def test_prepare_reads_the_converted_sources(converted, monkeypatch, tmp_path_fa
     monkeypatch.chdir(root)
     recipe = load_recipe(RECIPE, [f"model.base={tokenizer_dir}", "data.num_proc=1"])
     prepare(recipe, log=lambda line: None)
-    ds = load_prepared(recipe)
+    from crlft.split import eval_split_path
+
     kept = {}
-    for source, condition, weights in zip(ds["source"], ds["condition"], ds["loss_weights"]):
-        kept[source] = kept.get(source, 0) + 1
-        expected = next(s for s in recipe.data.sources if s.name == source)
-        assert condition == expected.condition
-        assert sorted({w for w in weights if w}) == pytest.approx([expected.reward])  # stored as float32
+    # The recipe holds out 0.5% of each source (at least one of two): training rows and the eval split together.
+    for ds in (load_prepared(recipe), datasets.load_from_disk(eval_split_path(recipe.data.output_dir))):
+        for source, condition, weights in zip(ds["source"], ds["condition"], ds["loss_weights"]):
+            kept[source] = kept.get(source, 0) + 1
+            expected = next(s for s in recipe.data.sources if s.name == source)
+            assert condition == expected.condition
+            assert sorted({w for w in weights if w}) == pytest.approx([expected.reward])  # stored as float32
     written = {s.name: len(read_jsonl(s.path)) for s in recipe.data.sources}
     assert kept == written
