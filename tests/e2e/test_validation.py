@@ -202,7 +202,7 @@ def without_evaluation(zero2_e2e_run):
     steps 4 and 5, so step 5 trains after an evaluation); one checkpoint, at the end."""
     out = os.path.join(os.path.dirname(zero2_e2e_run["dir"]), "run_without_eval")
     run_deepspeed(zero2_e2e_run["recipe"], (f"train.output_dir={out}", "train.eval_every_steps=0",
-                                            "train.max_steps=5", "train.save_every_steps=null"))
+                                            "train.stop_after_steps=5", "train.save_every_steps=null"))
     return out
 
 
