@@ -18,7 +18,7 @@ import torch
 
 from crlft.collate import flash_attention_kwargs
 from crlft.loader import PackedLoader
-from crlft.metrics import SUM_FIELDS, per_condition_sums
+from crlft.metrics import SUM_FIELDS, condition_rows, per_condition_sums, ratio
 from crlft.split import load_eval_split, split_fingerprint
 
 logger = logging.getLogger("crlft.evaluation")
@@ -43,10 +43,6 @@ def eval_metrics(sums: torch.Tensor, conditions: list[str]) -> dict[str, float]:
     """
     s = sums.double().cpu()
     f = _FIELD
-
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-        return float(num / den) if float(den) != 0 else float("nan")
-
     total = s.sum(dim=0)
     metrics = {
         "eval_loss": ratio(total[f["weighted_ce_sum"]], total[f["weight_sum"]]),
@@ -54,11 +50,7 @@ def eval_metrics(sums: torch.Tensor, conditions: list[str]) -> dict[str, float]:
         "eval_tokens": int(total[f["num_tokens"]]),
         "eval_weight_sum": float(total[f["weight_sum"]]),
     }
-    for i, condition in enumerate(conditions):
-        row = s[i]
-        if float(row[f["num_tokens"]]) == 0:
-            continue
-        name = condition or "<none>"
+    for name, row in condition_rows(s, conditions):
         metrics[f"eval_loss/{name}"] = ratio(row[f["weighted_ce_sum"]], row[f["weight_sum"]])
         metrics[f"eval_accuracy/{name}"] = ratio(row[f["weighted_correct"]], row[f["weight_sum"]])
         metrics[f"eval_tokens/{name}"] = int(row[f["num_tokens"]])

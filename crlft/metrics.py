@@ -5,7 +5,7 @@ The logged loss, the weighted token accuracy, and per condition the loss, accura
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -75,6 +75,18 @@ def per_condition_sums(
     return sums
 
 
+def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    """``num / den`` as a float, NaN when ``den`` is zero."""
+    return float(num / den) if float(den) != 0 else float("nan")
+
+
+def condition_rows(sums: torch.Tensor, conditions: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, row)`` of each condition with supervised tokens in ``sums`` (``<none>`` for the empty condition)."""
+    for i, condition in enumerate(conditions):
+        if float(sums[i][_FIELD["num_tokens"]]) != 0:
+            yield condition or "<none>", sums[i]
+
+
 def step_metrics(sums: torch.Tensor, conditions: Sequence[str], denominator: float) -> dict[str, float]:
     """The logged numbers of one step from its all-reduced per-condition sums.
 
@@ -91,10 +103,6 @@ def step_metrics(sums: torch.Tensor, conditions: Sequence[str], denominator: flo
     """
     s = sums.double().cpu()
     total = s.sum(dim=0)
-
-    def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-        return float(num / den) if float(den) != 0 else float("nan")
-
     f = _FIELD
     metrics: dict[str, float] = {
         "loss": float(total[f["weighted_ce_sum"]]) / denominator if denominator else float("nan"),
@@ -104,15 +112,11 @@ def step_metrics(sums: torch.Tensor, conditions: Sequence[str], denominator: flo
         "supervised_tokens": float(total[f["num_tokens"]]),
         "weight_sum": float(total[f["weight_sum"]]),
     }
-    for i, condition in enumerate(conditions):
-        row = s[i]
-        if float(row[f["num_tokens"]]) == 0:
-            continue
-        name = condition or "<none>"
+    for name, row in condition_rows(s, conditions):
         metrics[f"loss/{name}"] = ratio(row[f["weighted_ce_sum"]], row[f["weight_sum"]])
         metrics[f"ce/{name}"] = ratio(row[f["ce_sum"]], row[f["num_tokens"]])
         metrics[f"accuracy/{name}"] = ratio(row[f["num_correct"]], row[f["num_tokens"]])
         metrics[f"tokens/{name}"] = float(row[f["num_tokens"]])
     return metrics
 
-__all__ = ["SUM_FIELDS", "per_condition_sums", "step_metrics", "token_segments"]
+__all__ = ["SUM_FIELDS", "condition_rows", "per_condition_sums", "ratio", "step_metrics", "token_segments"]
