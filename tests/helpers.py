@@ -220,6 +220,26 @@ def run_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | No
 
 
 
+def refusal_of_train_in_process(recipe, monkeypatch) -> str:
+    """The ``UserError`` message of ``crlft.trainer.train(recipe)`` in this process (a world of one, CPU), which the
+    caller expects to refuse before loading any model; the process group is left destroyed."""
+    import pytest
+
+    from crlft.errors import UserError
+    from crlft.trainer import train
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # restored afterwards, whatever train() sets
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    try:
+        with pytest.raises(UserError) as error:
+            train(recipe)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return str(error.value)
+
+
 def run_deepspeed_killed_after_step(recipe_path: str, overrides: tuple[str, ...], output_dir: str, step: int,
                                     num_ranks: int = 2, timeout: int = 600) -> int:
     """Like :func:`run_deepspeed`, but SIGKILL the launcher and every rank once ``metrics.jsonl`` logs ``step``.

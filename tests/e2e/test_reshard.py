@@ -20,13 +20,13 @@ import sys
 import time
 
 import pytest
-import torch
 from helpers import (
     E2E_SETTINGS,
     REPO_ROOT,
     load_safetensors_dir,
     prepare_recipe,
     read_metrics,
+    refusal_of_train_in_process,
     run_deepspeed,
     run_env,
     write_recipe,
@@ -142,22 +142,11 @@ def test_zero3_partitioned_loading_trains_like_zero2(zero3_reference, zero2_e2e_
 def test_other_rows_per_step_are_refused_naming_the_grad_accum_that_fits(request, chains, tmp_path_factory,
                                                                           monkeypatch):
     """In this process (world of one, grad_accum 1: 1 row per step against the checkpoint's 2)."""
-    from crlft.errors import UserError
     from crlft.recipe import load_recipe
-    from crlft.trainer import train
 
     reference, ours = _chain("zero3", request, chains, tmp_path_factory)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     recipe = load_recipe(reference["recipe"], [f"train.output_dir={ours['dir']}", "train.grad_accum=1"])
-    try:
-        with pytest.raises(UserError) as error:
-            train(recipe)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    message = str(error.value)
+    message = refusal_of_train_in_process(recipe, monkeypatch)
     assert "(train.grad_accum): cannot resume from" in message and "step_00000015" in message
     assert "written with 2 rows per step (2 ranks × grad_accum 1)" in message
     assert "this run has 1 (1 ranks × grad_accum 1)" in message

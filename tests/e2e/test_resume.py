@@ -10,8 +10,14 @@ a crash *during* a later save is added (a ``.tmp`` directory and one without ``C
 import os
 
 import pytest
-import torch
-from helpers import E2E_EVAL_STEPS, load_safetensors_dir, read_metrics, run_deepspeed, run_deepspeed_killed_after_step
+from helpers import (
+    E2E_EVAL_STEPS,
+    load_safetensors_dir,
+    read_metrics,
+    refusal_of_train_in_process,
+    run_deepspeed,
+    run_deepspeed_killed_after_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -83,23 +89,12 @@ def test_resumed_run_ends_with_the_same_weights(resumed, zero2_e2e_run):
 
 def test_resume_with_a_changed_batch_size_is_refused(resumed, zero2_e2e_run, monkeypatch):
     """In this process (world of one): the refusal comes before any model is loaded."""
-    from crlft.errors import UserError
     from crlft.recipe import load_recipe
-    from crlft.trainer import train
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # restored afterwards, whatever train() sets
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     # grad_accum 2 on one rank keeps the checkpoint's 2 rows per step (another number is refused first, test_reshard).
     recipe = load_recipe(zero2_e2e_run["recipe"], [f"train.output_dir={resumed['dir']}", "train.batch_max_len=512",
                                                    "train.grad_accum=2"])
-    try:
-        with pytest.raises(UserError) as error:
-            train(recipe)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    message = str(error.value)
+    message = refusal_of_train_in_process(recipe, monkeypatch)
     assert "cannot resume from" in message and "step_00000015" in message
     assert "batch_max_len: checkpoint 256, now 512" in message
     assert "rows_per_step" not in message  # 1 rank x 2 = 2 ranks x 1: free to change
