@@ -80,6 +80,26 @@ def steps_per_epoch(recipe_overrides: list[str]) -> int:
     return plan.steps_per_epoch
 
 
+def results_of(run_dir: str) -> tuple[dict, list[dict]]:
+    """A finished run's ``crlft eval`` results and its ``metrics.jsonl`` records."""
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        results = json.load(f)["results"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return results, metrics
+
+
+def run_record(method: str, seed: int, epochs: int, run_dir: str, condition: str, seconds: float) -> dict:
+    """One row of the benchmark's JSON: the run's steps, tokens, final loss and accuracy under ``condition``."""
+    results, metrics = results_of(run_dir)
+    return {
+        "method": method, "seed": seed, "epochs": epochs, "steps": len(metrics),
+        "tokens": sum(m["num_tokens"] for m in metrics), "final_loss": metrics[-1]["loss"],
+        "eval_condition": condition, "accuracy": results[condition]["accuracy"],
+        "accuracy_by_condition": {c: r["accuracy"] for c, r in results.items()}, "seconds": round(seconds, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -107,18 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                                stdout=log, stderr=subprocess.STDOUT)
             seconds = time.perf_counter() - t0
             run_dir = os.path.join(args.work_dir, f"{method}_s{seed}")
-            with open(os.path.join(run_dir, "eval.json")) as f:
-                results = json.load(f)["results"]
-            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-                metrics = [json.loads(line) for line in f]
-            condition = "GPT4" if method == "crlft" else ""
-            runs.append({
-                "method": method, "seed": seed, "epochs": epochs, "steps": len(metrics),
-                "tokens": sum(m["num_tokens"] for m in metrics), "final_loss": metrics[-1]["loss"],
-                "eval_condition": condition, "accuracy": results[condition]["accuracy"],
-                "accuracy_by_condition": {c: r["accuracy"] for c, r in results.items()}, "seconds": round(seconds, 1),
-            })
-            print(f"{method:<11} seed {seed}: {len(metrics)} steps, {runs[-1]['tokens']:,} tokens, "
+            runs.append(run_record(method, seed, epochs, run_dir, "GPT4" if method == "crlft" else "", seconds))
+            condition = runs[-1]["eval_condition"]
+            print(f"{method:<11} seed {seed}: {runs[-1]['steps']} steps, {runs[-1]['tokens']:,} tokens, "
                   f"accuracy {runs[-1]['accuracy']:.1%} under {condition!r}, {seconds:.0f} s", flush=True)
 
     summary = {}

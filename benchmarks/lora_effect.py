@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crlft_effect import DEMO, ROOT, run_overrides, steps_per_epoch  # noqa: E402 (the same runs, as adapters)
+from crlft_effect import DEMO, ROOT, results_of, run_overrides, run_record, steps_per_epoch  # noqa: E402 (the same runs, as adapters)
 
 METHODS = {"lora_sft_all": "sft_all", "lora_sft_expert": "sft_expert", "lora_crlft": "crlft"}
 DATA_SEED = 0
@@ -61,14 +61,6 @@ def prepare_and_size(overrides_for, steps: int, env: dict[str, str]) -> int:
     subprocess.run([sys.executable, "-m", "crlft", "prepare", DEMO, *probe], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return math.ceil(steps / steps_per_epoch(probe))
-
-
-def results_of(run_dir: str) -> tuple[dict, list[dict]]:
-    with open(os.path.join(run_dir, "eval.json")) as f:
-        results = json.load(f)["results"]
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
-    return results, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,15 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             epochs = prepare_and_size(overrides_for, args.steps, env)
             run_dir = os.path.join(args.work_dir, f"{method}_s{seed}")
             seconds = launch(overrides_for(epochs), run_dir + ".log", env)
-            results, metrics = results_of(run_dir)
             condition = "GPT4" if method == "lora_crlft" else ""
-            runs.append({
-                "method": method, "seed": seed, "epochs": epochs, "steps": len(metrics),
-                "tokens": sum(m["num_tokens"] for m in metrics), "final_loss": metrics[-1]["loss"],
-                "eval_condition": condition, "accuracy": results[condition]["accuracy"],
-                "accuracy_by_condition": {c: r["accuracy"] for c, r in results.items()}, "seconds": round(seconds, 1),
-            })
-            print(f"{method:<16} seed {seed}: {len(metrics)} steps, {runs[-1]['tokens']:,} tokens, accuracy "
+            runs.append(run_record(method, seed, epochs, run_dir, condition, seconds))
+            print(f"{method:<16} seed {seed}: {runs[-1]['steps']} steps, {runs[-1]['tokens']:,} tokens, accuracy "
                   f"{runs[-1]['accuracy']:.1%} under {condition!r}, {seconds:.0f} s", flush=True)
 
     summary = {}
