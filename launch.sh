@@ -80,10 +80,19 @@ fi
 # How many ranks the launcher will start, when this script can tell (the resume check compares it with the
 # checkpoint's); empty when --include/--exclude/--num_nodes or a GPU hostfile leave it to the launcher.
 world_size=""
-# One Python start-up (torch takes seconds to import) for the CUDA devices and a free rendezvous port.
-read -r cuda_devices port < <("$PYTHON" -c 'import torch
+# The CUDA devices and a free rendezvous port. Asking torch takes seconds (its import), so a machine without a GPU
+# device node (NVIDIA /dev/nvidiaN, ROCm /dev/kfd, WSL /dev/dxg) is taken to have none without asking.
+if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
+    read -r cuda_devices port < <("$PYTHON" -c 'import torch
 from crlft.dist import free_port
 print(torch.cuda.device_count() if torch.cuda.is_available() else 0, free_port())' 2>/dev/null || echo "0 29500")
+else
+    cuda_devices=0
+    port="$("$PYTHON" -c 'import socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])' 2>/dev/null || echo 29500)"
+fi
 case " ${launcher_args[*]-} " in
     *" --include"*|*" -i "*|*" --exclude"*|*" -e "*|*" --num_nodes"*) chosen_by_launcher=yes ;;
     *) chosen_by_launcher=no ;;
@@ -151,9 +160,8 @@ if [[ "$node_rank" == "0" ]]; then
         ${overrides[@]+"${overrides[@]}"} || preflight=$?
 else
     echo "launch.sh: node ${node_rank}: waiting for node 0 to prepare the dataset"
-    "$PYTHON" -m crlft prepare --wait "${CRLFT_PREPARE_WAIT_S:-3600}" "$recipe" ${overrides[@]+"${overrides[@]}"}
-    "$PYTHON" -m crlft preflight "$recipe" ${world_size:+--num_gpus "$world_size"} \
-        ${overrides[@]+"${overrides[@]}"} || preflight=$?
+    "$PYTHON" -m crlft preflight --wait "${CRLFT_PREPARE_WAIT_S:-3600}" "$recipe" \
+        ${world_size:+--num_gpus "$world_size"} ${overrides[@]+"${overrides[@]}"} || preflight=$?
 fi
 case "$preflight" in
     0) ;;

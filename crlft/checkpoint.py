@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from crlft import manifest
 from crlft.config import Recipe
@@ -276,6 +275,8 @@ def save_hf_files(model: Any, tokenizer: Any, template: Any, out_dir: str, max_c
     if max_context is not None and base_positions is not None and max_context < base_positions:
         config.max_position_embeddings = max_context
     config.save_pretrained(out_dir)
+    from transformers import GenerationConfig  # here: `crlft preflight` reads checkpoints without transformers
+
     generation = copy.deepcopy(model.generation_config) if model.generation_config is not None else GenerationConfig()
     generation.bos_token_id = tokenizer.bos_token_id
     generation.eos_token_id = end_of_turn_id  # stop at the end of the turn

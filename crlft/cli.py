@@ -129,8 +129,12 @@ def preflight_main(argv: list[str]) -> int:
                             "recipe cannot do, and say when the run is already complete. Exit status 0: start "
                             "training; 10: complete; 11: complete, only crlft eval left; 2: refused.")
     _num_gpus_option(parser, "the ranks the launcher will start; unset: the checkpoint's rank count is not checked")
-    parser.add_argument("--prepare", action="store_true",
-                        help="run crlft prepare first, in the same process (one start-up less for launch.sh)")
+    first = parser.add_mutually_exclusive_group()
+    first.add_argument("--prepare", action="store_true",
+                       help="run crlft prepare first, in the same process (one start-up less for launch.sh)")
+    first.add_argument("--wait", type=float, metavar="SECONDS",
+                       help="first wait up to SECONDS for another node (node 0) to prepare the dataset, as "
+                            "crlft prepare --wait does, in the same process")
     args = parser.parse_intermixed_args(argv)
     from crlft.preflight import preflight
 
@@ -140,6 +144,11 @@ def preflight_main(argv: list[str]) -> int:
 
         _quiet_datasets()
         prepare(recipe)
+    elif args.wait is not None:
+        from crlft.prepare import wait_for_prepared
+
+        _quiet_datasets()
+        wait_for_prepared(recipe, args.wait)
     return preflight(recipe, args.num_gpus)
 
 

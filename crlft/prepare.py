@@ -29,7 +29,6 @@ from crlft import __version__
 from crlft.config import Recipe, SourceConfig
 from crlft.errors import UserError
 from crlft.formats import is_local_path, read_source, reward_to_weight
-from crlft.model import ensure_base_model
 from crlft.report import build_report, format_report
 from crlft.rows import STAT_COLUMNS, SourceJob, process_batch, record_locations, row_features
 from crlft.sourcescan import readable_copy, scan_json_source
@@ -77,7 +76,10 @@ def _tokenizer_and_fingerprint(recipe: Recipe) -> tuple[Any, str]:
     name = m.tokenizer or m.base
     if not m.tokenizer and m.create_if_missing is not None:
         # The demo's base (random weights + the template's tokenizer) does not exist before the first run; create
-        # it here so prepare, which runs before any rank, finds its tokenizer.
+        # it here so prepare, which runs before any rank, finds its tokenizer. (Imported here: the model code pulls in
+        # transformers' modelling and DeepSpeed, seconds of start-up that `crlft prepare` and `preflight` need only
+        # when they create that base.)
+        from crlft.model import ensure_base_model
 
         ensure_base_model(recipe)
     if os.path.isdir(name):

@@ -1,4 +1,4 @@
-"""Session fixtures: the real OpenChat tokenizer, a tiny random Mistral, and the reference DeepSpeed run.
+"""Session fixtures: the real OpenChat tokenizer, a tiny random Mistral, and the two reference DeepSpeed runs.
 
 The helpers they use live in ``tests/helpers.py``.
 """
@@ -6,17 +6,17 @@ The helpers they use live in ``tests/helpers.py``.
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 from helpers import (
     E2E_SETTINGS,
     REPO_ROOT,
     TINY_MISTRAL,
+    Launch,
     free_port,
     prepare_recipe,
-    run_deepspeed,
     run_env,
+    start_deepspeed,
     write_recipe,
 )
 
@@ -41,31 +41,43 @@ def tiny_mistral_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def zero2_e2e_run(tmp_path_factory, tiny_mistral_dir) -> dict:
-    """ZeRO-2, fp32, 2 CPU ranks, through ``launch.sh`` (which runs ``crlft prepare`` first): 15 steps, 3 epochs.
+def _reference_runs(tmp_path_factory, tiny_mistral_dir) -> dict:
+    """Both reference runs, started together (they share the two cores better than one after the other).
 
-    Returns ``{"dir": run dir, "log": output, "recipe": recipe path, "dtype": "float32"}``.
+    ZeRO-2, fp32, through ``launch.sh`` (which runs ``crlft prepare`` first), and ZeRO-3, bf16, through
+    ``deepspeed --num_gpus 2 --module crlft.train`` logging to an offline wandb run; 15 steps, 3 epochs each.
     """
-    tmp = tmp_path_factory.mktemp("e2e_zero2")
-    recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=2, **E2E_SETTINGS)
-    cmd = [os.path.join(REPO_ROOT, "launch.sh"), "--master_port", str(free_port()), recipe]
-    result = subprocess.run(cmd, cwd=str(tmp), env=run_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "float32"}
-
+    zero2_tmp, zero3_tmp = tmp_path_factory.mktemp("e2e_zero2"), tmp_path_factory.mktemp("e2e_zero3")
+    zero2_recipe = write_recipe(zero2_tmp, tiny_mistral_dir, zero_stage=2, **E2E_SETTINGS)
+    zero3_recipe = write_recipe(zero3_tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
+    prepare_recipe(zero3_recipe)
+    zero2 = Launch([os.path.join(REPO_ROOT, "launch.sh"), "--master_port", str(free_port()), zero2_recipe],
+                   run_env(), timeout=900, check=True, cwd=str(zero2_tmp))
+    # log_every above the run's length: the printed lines thin out, wandb must still get every step.
+    zero3 = start_deepspeed(zero3_recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline",
+                                           "logging.log_every=100"), num_ranks=2)
+    zero2_result, zero3_result = zero2.wait(), zero3.wait()
+    return {
+        "zero2": {"dir": str(zero2_tmp / "run"), "log": zero2_result.stdout + zero2_result.stderr,
+                  "recipe": zero2_recipe, "dtype": "float32"},
+        "zero3": {"dir": str(zero3_tmp / "run"), "log": zero3_result.stdout + zero3_result.stderr,
+                  "recipe": zero3_recipe, "dtype": "bfloat16", "master_port": zero3.master_port},
+    }
 
 
 @pytest.fixture(scope="session")
-def zero3_e2e_run(tmp_path_factory, tiny_mistral_dir) -> dict:
+def zero2_e2e_run(_reference_runs) -> dict:
+    """ZeRO-2, fp32, 2 CPU ranks, through ``launch.sh``: 15 steps, 3 epochs.
+
+    Returns ``{"dir": run dir, "log": output, "recipe": recipe path, "dtype": "float32"}``.
+    """
+    return _reference_runs["zero2"]
+
+
+@pytest.fixture(scope="session")
+def zero3_e2e_run(_reference_runs) -> dict:
     """ZeRO-3, bf16, through ``deepspeed --num_gpus 2 --module crlft.train``, logging to an offline wandb run.
 
     Returns ``{"dir", "log", "recipe", "dtype": "bfloat16", "master_port"}`` like ``zero2_e2e_run``.
     """
-    tmp = tmp_path_factory.mktemp("e2e_zero3")
-    recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, dtype="bfloat16", **E2E_SETTINGS)
-    prepare_recipe(recipe)
-    # log_every above the run's length: the printed lines thin out, wandb must still get every step.
-    result = run_deepspeed(recipe, ("logging.wandb.project=crlft-e2e", "logging.wandb.mode=offline",
-                                    "logging.log_every=100"), num_ranks=2)
-    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe, "dtype": "bfloat16",
-            "master_port": result.master_port}
+    return _reference_runs["zero3"]

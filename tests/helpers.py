@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -187,12 +188,47 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: int, check: bool) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        tail = (result.stdout + "\n" + result.stderr)[-6000:]
-        raise AssertionError(f"{' '.join(cmd)} exited with {result.returncode}:\n{tail}")
-    return result
+class Launch:
+    """A trainer subprocess started now and waited for later.
+
+    On this 2-core machine a CPU run leaves a core idle for a good part of its life (the launcher's start, the
+    ranks' imports one after the other, the exit), so independent runs of a test are started together and then
+    waited for: the suite's wall time, not what any run computes, is what changes.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str], timeout: int, check: bool, cwd: str = REPO_ROOT):
+        self.cmd, self.timeout, self.check = cmd, timeout, check
+        self._out, self._err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._out, stderr=self._err, text=True,
+                                        start_new_session=True)
+        self._deadline = time.monotonic() + timeout
+        self._result: subprocess.CompletedProcess | None = None
+
+    def wait(self) -> subprocess.CompletedProcess:
+        """The finished run (stdout and stderr as text); raises if ``check`` and it failed or ran past its timeout."""
+        if self._result is None:
+            try:
+                self.process.wait(timeout=max(self._deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired as timeout:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+                raise AssertionError(f"{' '.join(self.cmd)} ran past {self.timeout} s:\n{self._read()[-6000:]}") \
+                    from timeout
+            self._out.seek(0)
+            self._err.seek(0)
+            self._result = subprocess.CompletedProcess(self.cmd, self.process.returncode, self._out.read(),
+                                                       self._err.read())
+            self._out.close()
+            self._err.close()
+        if self.check and self._result.returncode != 0:
+            tail = (self._result.stdout + "\n" + self._result.stderr)[-6000:]
+            raise AssertionError(f"{' '.join(self.cmd)} exited with {self._result.returncode}:\n{tail}")
+        return self._result
+
+    def _read(self) -> str:
+        self._out.seek(0)
+        self._err.seek(0)
+        return self._out.read() + "\n" + self._err.read()
 
 
 def deepspeed_command() -> str:
@@ -201,23 +237,36 @@ def deepspeed_command() -> str:
     return beside if os.path.isfile(beside) else (shutil.which("deepspeed") or "deepspeed")
 
 
-def run_deepspeed(recipe_path: str, overrides: tuple[str, ...] = (), num_ranks: int = 2, env: dict | None = None,
-                  timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N --module crlft.train RECIPE overrides`` on CPU ranks."""
+def start_deepspeed(recipe_path: str, overrides: tuple[str, ...] = (), num_ranks: int = 2, env: dict | None = None,
+                    timeout: int = 600, check: bool = True) -> Launch:
+    """Start ``deepspeed --num_gpus N --module crlft.train RECIPE overrides`` on CPU ranks; ``.wait()`` for it."""
     port = free_port()
     cmd = [deepspeed_command(), "--num_gpus", str(num_ranks),
            "--master_port", str(port), "--module", "crlft.train", recipe_path, *overrides]
-    result = _run(cmd, run_env(env), timeout, check)
-    result.master_port = port  # names DeepSpeed's shared-memory files of this run
+    launch = Launch(cmd, run_env(env), timeout, check)
+    launch.master_port = port  # names DeepSpeed's shared-memory files of this run
+    return launch
+
+
+def run_deepspeed(recipe_path: str, overrides: tuple[str, ...] = (), num_ranks: int = 2, env: dict | None = None,
+                  timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N --module crlft.train RECIPE overrides`` on CPU ranks, waited for."""
+    launch = start_deepspeed(recipe_path, overrides, num_ranks, env, timeout, check)
+    result = launch.wait()
+    result.master_port = launch.master_port
     return result
+
+
+def start_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | None = None, timeout: int = 600,
+                 check: bool = True) -> Launch:
+    """Start ``python -m crlft.train RECIPE overrides`` without a launcher (a world of one); ``.wait()`` for it."""
+    return Launch([sys.executable, "-m", "crlft.train", recipe_path, *overrides], run_env(env), timeout, check)
 
 
 def run_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | None = None, timeout: int = 600,
                check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m crlft.train RECIPE overrides`` without a launcher: a world of one in one process."""
-    cmd = [sys.executable, "-m", "crlft.train", recipe_path, *overrides]
-    return _run(cmd, run_env(env), timeout, check)
-
+    """``python -m crlft.train RECIPE overrides`` without a launcher: a world of one in one process, waited for."""
+    return start_single(recipe_path, overrides, env, timeout, check).wait()
 
 
 def refusal_of_train_in_process(recipe, monkeypatch) -> str:

@@ -26,7 +26,8 @@ from helpers import (
     read_metrics,
     run_deepspeed,
     run_deepspeed_killed_after_step,
-    run_single,
+    start_deepspeed,
+    start_single,
     write_recipe,
 )
 
@@ -52,12 +53,15 @@ def lora_recipe(tmp_path_factory, tiny_mistral_dir):
 def runs(lora_recipe):
     recipe, tmp = lora_recipe
     out = {name: str(tmp / name) for name in ("zero2", "one_rank_accum", "zero3")}
+    # The two comparison runs are independent of the killed one: started first, they run beside it.
+    others = [start_single(recipe, (f"train.output_dir={out['one_rank_accum']}", "train.grad_accum=2", *LORA)),
+              start_deepspeed(recipe, (f"train.output_dir={out['zero3']}", "deepspeed.zero_stage=3", *LORA))]
     killed = run_deepspeed_killed_after_step(recipe, (f"train.output_dir={out['zero2']}", *LORA), out["zero2"],
                                              KILL_AFTER_STEP)
     at_kill = read_metrics(out["zero2"])
     relaunch = run_deepspeed(recipe, (f"train.output_dir={out['zero2']}", "train.resume=auto", *LORA))
-    run_single(recipe, (f"train.output_dir={out['one_rank_accum']}", "train.grad_accum=2", *LORA))
-    run_deepspeed(recipe, (f"train.output_dir={out['zero3']}", "deepspeed.zero_stage=3", *LORA))
+    for launch in others:
+        launch.wait()
     return {"dirs": out, "killed_returncode": killed, "at_kill": at_kill,
             "log": relaunch.stdout + relaunch.stderr, "metrics": {k: read_metrics(d) for k, d in out.items()}}
 

@@ -4,22 +4,28 @@ Under AdamW that rescaling is the same as multiplying ``eps`` and the clipping t
 here, as the recorded run's 8 ranks): ``m / (sqrt(v) + eps)`` with a gradient ``g / R`` equals ``m / (sqrt(v) + R·eps)``
 with ``g``; weight decay is decoupled. So a ``weight_sum_row_mean`` run with ``eps`` 1e-5 and ``grad_clip`` 1.0 must
 end with the weights of a ``weight_sum`` run with ``eps`` 8e-5 and ``grad_clip`` 8.0, and log a loss 8x smaller;
-a ``weight_sum`` run with ``eps`` 1e-5 must end elsewhere (the check can fail). 2 ranks x ``grad_accum`` 4, fp32,
-two epochs of one step each.
+a ``weight_sum`` run with ``eps`` 1e-5 must end elsewhere (the check can fail). fp32, two epochs of one step each.
+
+The ``weight_sum_row_mean`` run has 2 ranks x ``grad_accum`` 4 (DeepSpeed), the two ``weight_sum`` runs 1 rank x
+``grad_accum`` 8 (``python -m crlft.train``): the same 8 rows per step, so the same bins, and test_parity.py shows
+that ``weight_sum`` gives one update whatever the ranks and the accumulation; so the equality below also checks that
+the rows are counted over ranks and micro-batches alike.
 """
 
 import os
 
 import pytest
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, run_deepspeed, write_recipe
+from helpers import load_safetensors_dir, prepare_recipe, read_metrics, start_deepspeed, start_single, write_recipe
 
 pytestmark = pytest.mark.slow
 
-ROWS_PER_STEP = 8  # 2 ranks x grad_accum 4
-RUNS = {
-    "row_mean": ("train.loss_normalization=weight_sum_row_mean", "train.eps=1e-5", "train.grad_clip=1.0"),
-    "weight_sum_scaled": ("train.loss_normalization=weight_sum", "train.eps=8e-5", "train.grad_clip=8.0"),
-    "weight_sum": ("train.loss_normalization=weight_sum", "train.eps=1e-5", "train.grad_clip=1.0"),
+ROWS_PER_STEP = 8  # 2 ranks x grad_accum 4, or 1 rank x grad_accum 8
+RUNS = {  # name: (ranks, overrides)
+    "row_mean": (2, ("train.loss_normalization=weight_sum_row_mean", "train.eps=1e-5", "train.grad_clip=1.0")),
+    "weight_sum_scaled": (1, ("train.loss_normalization=weight_sum", "train.eps=8e-5", "train.grad_clip=8.0",
+                              "train.grad_accum=8")),
+    "weight_sum": (1, ("train.loss_normalization=weight_sum", "train.eps=1e-5", "train.grad_clip=1.0",
+                       "train.grad_accum=8")),
 }
 
 
@@ -30,12 +36,20 @@ def runs(tmp_path_factory, tiny_mistral_dir):
     recipe = write_recipe(tmp, tiny_mistral_dir, num_good=8, num_bad=4, data_seed=3, epochs=2, lr=3e-3,
                           batch_max_len=256, grad_accum=4, lr_warmup_ratio=0.0, save_every_steps=None)
     prepare_recipe(recipe)
+    # The three runs are independent: started together, they share the two cores.
+    launches = {}
+    for name, (ranks, overrides) in RUNS.items():
+        overrides = (f"train.output_dir={tmp / name}", *overrides)
+        if ranks == 2:
+            launches[name] = start_deepspeed(recipe, overrides, num_ranks=2)
+        else:
+            launches[name] = start_single(recipe, overrides)
     results = {}
-    for name, overrides in RUNS.items():
+    for name, launch in launches.items():
+        launch.wait()
         out = str(tmp / name)
-        run_deepspeed(recipe, (f"train.output_dir={out}", *overrides), num_ranks=2)
-        results[name] = {"metrics": read_metrics(out), "weights": load_safetensors_dir(os.path.join(out, "export",
-                                                                                                    "final"))}
+        results[name] = {"metrics": read_metrics(out),
+                         "weights": load_safetensors_dir(os.path.join(out, "export", "final"))}
     return results
 
 

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, run_deepspeed, run_single, write_recipe
+from helpers import load_safetensors_dir, prepare_recipe, read_metrics, start_deepspeed, start_single, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +46,21 @@ def parity_recipe(tmp_path_factory, tiny_mistral_dir):
 
 @pytest.fixture(scope="module")
 def runs(parity_recipe):
+    """Every configuration's metrics and final weights; the four runs are started together."""
     recipe, tmp = parity_recipe
-    results = {}
+    launches = {}
     for name, config in CONFIGS.items():
-        out = str(tmp / name)
-        overrides = (f"train.output_dir={out}", *config["overrides"])
+        overrides = (f"train.output_dir={tmp / name}", *config["overrides"])
         if config["ranks"] == 1:
-            run_single(recipe, overrides)
+            launches[name] = start_single(recipe, overrides)
         else:
-            run_deepspeed(recipe, overrides, num_ranks=config["ranks"])
-        results[name] = {
-            "metrics": read_metrics(out),
-            "weights": load_safetensors_dir(os.path.join(out, "export", "final")),
-        }
+            launches[name] = start_deepspeed(recipe, overrides, num_ranks=config["ranks"])
+    results = {}
+    for name, launch in launches.items():
+        launch.wait()
+        out = str(tmp / name)
+        results[name] = {"metrics": read_metrics(out),
+                         "weights": load_safetensors_dir(os.path.join(out, "export", "final"))}
     return results
 
 

@@ -10,8 +10,8 @@ The damaged-checkpoint runs work on a copy of conftest's uninterrupted reference
 * then a truncated shard in that checkpoint: skipped with a message (renamed ``.damaged``), the run resumes from
   step 12 and reproduces the uninterrupted losses and weights;
 * a learning rate that makes the weights overflow: the run stops at the first non-finite step, naming it, exit
-  non-zero; the checkpoint before it is still there and intact; ``train.lr=.inf`` likewise (or is refused by the
-  recipe's validation);
+  non-zero; the checkpoint before it is still there and intact; ``train.lr=.inf`` is refused by the recipe's
+  validation before any rank starts;
 * a pickle payload in a real DeepSpeed shard (manifest rewritten to match): refused by ``crlft train`` and
   ``crlft export`` without running it.
 """
@@ -23,7 +23,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, run_deepspeed, write_recipe
+from helpers import load_safetensors_dir, prepare_recipe, read_metrics, run_deepspeed, start_deepspeed, write_recipe
 
 from crlft import checkpoint as ckpt
 from crlft import manifest
@@ -50,7 +50,7 @@ def _nan_into_largest_tensor(shard):
 
 
 @pytest.fixture(scope="module")
-def damaged_runs(zero2_e2e_run, tmp_path_factory):
+def damaged_runs(zero2_e2e_run, tmp_path_factory, _diverging_launch):
     """The two relaunches of a copy of the reference run: poisoned newest checkpoint, then also truncated."""
     out = str(tmp_path_factory.mktemp("reliability") / "run")
     shutil.copytree(zero2_e2e_run["dir"], out, ignore=shutil.ignore_patterns("export", "wandb"))
@@ -102,13 +102,19 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_one_before_reproduces_
 
 
 @pytest.fixture(scope="module")
-def diverging_run(tmp_path_factory, tiny_mistral_dir):
-    """lr 1e30 (finite, so also valid once recipes refuse non-finite numbers), a checkpoint every step."""
+def _diverging_launch(tmp_path_factory, tiny_mistral_dir):
+    """lr 1e30 (finite, so also valid once recipes refuse non-finite numbers), a checkpoint every step: started, not
+    waited for, so that it runs beside the damaged-checkpoint relaunches."""
     tmp = tmp_path_factory.mktemp("diverging")
     recipe = write_recipe(tmp, tiny_mistral_dir, epochs=1, lr=1e30, save_every_steps=1, keep_last=1)
     prepare_recipe(recipe)
-    result = run_deepspeed(recipe, check=False, timeout=1200)  # ~40 s quiet; a checkpoint per step under load
-    return {"dir": str(tmp / "run"), "result": result, "recipe": recipe}
+    launch = start_deepspeed(recipe, check=False, timeout=1200)  # a checkpoint per step: slow under load
+    return {"dir": str(tmp / "run"), "launch": launch, "recipe": recipe}
+
+
+@pytest.fixture(scope="module")
+def diverging_run(_diverging_launch):
+    return {**_diverging_launch, "result": _diverging_launch["launch"].wait()}
 
 
 def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_checkpoint_before(diverging_run):
@@ -126,18 +132,26 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_keeps_the_checkpoint_b
     assert not os.path.exists(os.path.join(out, "export"))
 
 
-def test_lr_inf_ends_non_zero_and_writes_nothing(tmp_path, tiny_mistral_dir):
-    """Refused by the recipe's validation (once it refuses non-finite numbers) or stopped by the guard at step 1,
-    whose update makes every weight infinite: never a checkpoint or an export of that state."""
+def test_lr_inf_ends_non_zero_and_writes_nothing(tmp_path, tiny_mistral_dir, capsys, monkeypatch):
+    """Refused by the recipe's validation before any rank starts: exit 2, the key named, never a checkpoint or an
+    export. (In this process: a refused recipe never reaches DeepSpeed, and test_prepare.py shows the same kind of
+    error through a real process.)"""
+    from crlft.cli import main
+
     recipe = write_recipe(tmp_path, tiny_mistral_dir, epochs=1, save_every_steps=1)
     prepare_recipe(recipe)
-    result = run_deepspeed(recipe, ("train.lr=.inf",), num_ranks=1, check=False)
-    log = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert ("train.lr" in log and "finite" in log) or "after step 1 are not finite" in log, log[-3000:]
-    assert "Traceback" not in log
-    assert ckpt.list_checkpoints(str(tmp_path / "run")) == []
-    assert not os.path.exists(os.path.join(tmp_path, "run", "export"))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        code = main(["train", recipe, "train.lr=.inf"])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "(train.lr): must be a finite number, got inf" in err, err
+    assert "Traceback" not in err
+    assert not os.path.exists(os.path.join(tmp_path, "run"))
 
 
 class _Payload:

@@ -29,6 +29,7 @@ from helpers import (
     refusal_of_train_in_process,
     run_deepspeed,
     run_env,
+    start_deepspeed,
     write_recipe,
 )
 
@@ -40,13 +41,19 @@ RELATIVE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def zero3_reference(tmp_path_factory, tiny_mistral_dir):
-    """ZeRO-3, fp32, 2 ranks, the ZeRO-2 reference's recipe and data otherwise."""
+def _zero3_reference_launch(tmp_path_factory, tiny_mistral_dir):
+    """ZeRO-3, fp32, 2 ranks, the ZeRO-2 reference's recipe and data otherwise: started, not waited for."""
     tmp = tmp_path_factory.mktemp("reshard_zero3")
     recipe = write_recipe(tmp, tiny_mistral_dir, zero_stage=3, **E2E_SETTINGS)
     prepare_recipe(recipe)
-    result = run_deepspeed(recipe)
-    return {"dir": str(tmp / "run"), "log": result.stdout + result.stderr, "recipe": recipe}
+    return {"launch": start_deepspeed(recipe), "dir": str(tmp / "run"), "recipe": recipe}
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(_zero3_reference_launch):
+    result = _zero3_reference_launch["launch"].wait()
+    return {"dir": _zero3_reference_launch["dir"], "log": result.stdout + result.stderr,
+            "recipe": _zero3_reference_launch["recipe"]}
 
 
 def _one_rank_until_checkpoint(recipe: str, out: str, step: int) -> tuple[int, str]:
@@ -84,8 +91,11 @@ def _resharded_chain(reference: dict, tmp) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chains():
-    """(reference, resharded chain) per ZeRO stage, each made when a test first asks for it."""
+def chains(_zero3_reference_launch):
+    """(reference, resharded chain) per ZeRO stage, each made when a test first asks for it.
+
+    The ZeRO-3 reference is started first, so that it runs beside the ZeRO-2 chain.
+    """
     return {}
 
 

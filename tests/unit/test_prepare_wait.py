@@ -29,3 +29,16 @@ def test_a_prepared_dataset_ends_the_wait_and_other_inputs_do_not(tmp_path, tiny
     assert lines and "prepared by node 0" in lines[0]
     with pytest.raises(UserError):  # the dataset there was made from other inputs: it is not the one to wait for
         wait_for_prepared(load_recipe(path, ["data.sources.1.reward=0.5"]), timeout_s=0.3, poll_s=0.05)
+
+
+def test_preflight_wait_is_the_wait_and_the_preflight_in_one_process(tmp_path, tiny_mistral_dir, capsys):
+    """What launch.sh runs on the nodes other than node 0: the wait's timeout is a refusal (exit 2) naming the
+    directory; once the dataset is there, the preflight's answer (0: start training)."""
+    from crlft.cli import main
+
+    path = write_recipe(tmp_path, tiny_mistral_dir)
+    assert main(["preflight", "--wait", "0.2", path]) == 2
+    assert f"waited 0.2 s for node 0 to prepare {tmp_path / 'data'}" in capsys.readouterr().err
+    prepare_recipe(path)
+    assert main(["preflight", "--wait", "5", path, "--num_gpus", "2"]) == 0
+    assert "prepared by node 0" in capsys.readouterr().out
