@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -60,30 +58,4 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float, device: t
     return torch.optim.AdamW(params, **kwargs)
 
 
-# DeepSpeed's ZeRO check (``is_zero_supported_optimizer``, run by ``deepspeed.initialize``) imports this module to
-# learn whether the optimizer is its Muon; the import torch.compiles Muon's kernels, which loads torch._inductor.
-_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-@contextlib.contextmanager
-def without_muon_import(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-    """Around ``deepspeed.initialize`` with one of ours (:func:`build_optimizer`): skip DeepSpeed's Muon import.
-
-    That import costs 1.6 s per rank (torch._inductor; 2-core CPU machine), about a tenth of a CPU run's start-up,
-    and only tells DeepSpeed that an AdamW is not a Muon: AdamW and DeepSpeedCPUAdam are on its list of ZeRO
-    optimizers without it. A ``None`` in ``sys.modules`` makes that import fail at once (DeepSpeed catches the
-    ``ImportError``, as when Muon is not installed); the entry is removed afterwards. With the user's own optimizer
-    (``optimizer`` None: from their DeepSpeed file, which may be Muon) nothing changes.
-    """
-    if optimizer is None or _MUON_MODULE in sys.modules:
-        yield
-        return
-    sys.modules[_MUON_MODULE] = None
-    try:
-        yield
-    finally:
-        if _MUON_MODULE in sys.modules and sys.modules[_MUON_MODULE] is None:
-            del sys.modules[_MUON_MODULE]
-
-
-__all__ = ["build_optimizer", "lr_factor", "lr_scheduler_factory", "num_warmup_steps", "without_muon_import"]
+__all__ = ["build_optimizer", "lr_factor", "lr_scheduler_factory", "num_warmup_steps"]

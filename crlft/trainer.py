@@ -38,7 +38,7 @@ from crlft.preflight import FINAL_EXPORT, complete_message, resume_point
 from crlft.prepare import load_prepared, recipe_tokenizer
 from crlft.run_length import few_steps_warning, run_length
 from crlft.runlog import METRICS_FILE, RunLog, start_wandb, truncate_metrics
-from crlft.schedule import build_optimizer, lr_scheduler_factory, without_muon_import
+from crlft.schedule import build_optimizer, lr_scheduler_factory
 from crlft.templates import Template
 
 logger = logging.getLogger("crlft.trainer")
@@ -291,11 +291,10 @@ def _engine(recipe: Recipe, ds_config: dict[str, Any], model: Any, lr: float, to
         optimizer = build_optimizer(wrapped, recipe, lr, device)
     scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(total_steps, t.lr_warmup_ratio,
                                                                          t.lr_min_ratio)
-    with without_muon_import(optimizer):
-        engine, _, _, _ = deepspeed.initialize(
-            model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=[p for p in wrapped.parameters() if p.requires_grad] if optimizer is None else None,
-        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model_parameters=[p for p in wrapped.parameters() if p.requires_grad] if optimizer is None else None,
+    )
     return engine
 
 
