@@ -9,10 +9,11 @@ Each rank resets its peak resident set (``/proc/self/clear_refs``, 5) just befor
 before loading (interpreter, torch, DeepSpeed, transformers, the tokenizer: the same for every configuration).
 
 ``train``: the same model trained for 2 steps by ``deepspeed --module crlft.train`` on CPU ranks (ZeRO-2 and
-ZeRO-3, 1 and 2 ranks, bf16, ``batch_max_len`` 512, gradient checkpointing off); every 50 ms the benchmark reads
-each rank's ``VmHWM`` from ``/proc/PID/status`` and records it when step 2 is logged (before any checkpoint or
-export). Measured = that peak - the rank's resident size before loading (its log line); planned =
-``crlft.memory.memory_per_gpu`` (weights + gradients + optimizer state + buffers + activations) for the run.
+ZeRO-3, 1 and 2 ranks, fp32 unless ``--train-dtype bfloat16``: most CPUs emulate bf16 matmuls, minutes per step;
+``batch_max_len`` 512, gradient checkpointing off); every 50 ms the benchmark reads each rank's ``VmHWM`` from
+``/proc/PID/status`` and records it when step 2 is logged (before any checkpoint or export). Measured = that peak -
+the rank's resident size before loading (its log line); planned = ``crlft.memory.memory_per_gpu`` (weights +
+gradients + optimizer state + buffers + activations) for the run.
 
 Run: ``python benchmarks/bench_memory.py load --json load.json`` and ``... train --json train.json`` (minutes on
 2 cores; ``train`` needs about 4 GB free per rank).
@@ -55,8 +56,8 @@ def make_base(out_dir: str, layers: int, hidden: int) -> str:
     return out_dir
 
 
-def write_recipe(work: str, base: str, zero_stage: int) -> str:
-    """A recipe for ``base`` on a few synthetic ShareGPT conversations."""
+def write_recipe(work: str, base: str, zero_stage: int, dtype: str = "bfloat16") -> str:
+    """A recipe for ``base`` (trained in ``dtype``) on a few synthetic ShareGPT conversations."""
     data = os.path.join(work, "conversations.jsonl")
     if not os.path.isfile(data):
         with open(data, "w", encoding="utf-8") as f:
@@ -70,7 +71,7 @@ def write_recipe(work: str, base: str, zero_stage: int) -> str:
   base: {base}
   template: openchat_3.5
   max_context: 512
-  dtype: bfloat16
+  dtype: {dtype}
 data:
   output_dir: {work}/data
   num_proc: 1
@@ -216,10 +217,22 @@ def planned(recipe_path: str, ranks: int) -> dict:
     config = AutoConfig.from_pretrained(recipe.model.base)
     config.vocab_size = 32002
     num_params = count_parameters(config)
-    acts = activation_bytes(config, recipe.train.batch_max_len, recipe.model.gradient_checkpointing)
-    est = memory_per_gpu(num_params, ranks, recipe.deepspeed.zero_stage, acts, deepspeed_config(recipe))
+    bf16 = recipe.model.dtype != "float32"
+    acts = activation_bytes(config, recipe.train.batch_max_len, recipe.model.gradient_checkpointing,
+                            bytes_per_value=2 if bf16 else 4)
+    ds_config = deepspeed_config(recipe)
+    stage = recipe.deepspeed.zero_stage
+    est = memory_per_gpu(num_params, ranks, stage, acts, ds_config, bf16=bf16)
+    # A CPU rank's resident size counts only touched pages: DeepSpeed's buckets are torch.empty, so each counts only
+    # as far as gradients (ZeRO-3: gathered weights) fill it; on a GPU the allocator reserves them whole.
+    zero = ds_config.get("zero_optimization", {})
+    b = 2 if bf16 else 4
+    reduce_bucket = min(float(zero.get("reduce_bucket_size", 5e8)), num_params)
+    live = min(float(zero.get("stage3_max_live_parameters", 1e9)), num_params) if stage == 3 else 0.0
+    buffers_touched = (reduce_bucket + live) * b
     return {"num_params": num_params, "weights": est.weights, "gradients": est.gradients,
-            "optimizer": est.optimizer, "buffers": est.buffers, "activations": est.activations, "total": est.total}
+            "optimizer": est.optimizer, "buffers": est.buffers, "activations": est.activations, "total": est.total,
+            "buffers_touched_on_cpu": buffers_touched, "total_on_cpu": est.total - est.buffers + buffers_touched}
 
 
 def run_train(args) -> dict:
@@ -229,7 +242,7 @@ def run_train(args) -> dict:
     base = make_base(os.path.join(args.work, "base"), args.layers, args.hidden)
     results = {}
     for stage in (2, 3):
-        recipe = write_recipe(args.work, base, stage)
+        recipe = write_recipe(args.work, base, stage, args.train_dtype)
         prepare(load_recipe(recipe), log=lambda _: None)
         for ranks in (1, 2):
             import shutil
@@ -245,7 +258,9 @@ def run_train(args) -> dict:
                       f"gradients {plan['gradients'] / GIB:.2f}, optimizer {plan['optimizer'] / GIB:.2f}, buffers "
                       f"{plan['buffers'] / GIB:.2f}, activations {plan['activations'] / GIB:.2f}); measured "
                       f"{used / GIB:.2f} GiB above {measured['rss_before'][rank] / GIB:.2f} GiB before loading "
-                      f"({used / plan['total'] - 1:+.0%})", flush=True)
+                      f"({used / plan['total'] - 1:+.0%}; against the plan with the buckets as a CPU rank touches "
+                      f"them, {plan['total_on_cpu'] / GIB:.2f} GiB: {used / plan['total_on_cpu'] - 1:+.0%})",
+                      flush=True)
     return results
 
 
@@ -255,6 +270,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "crlft_bench_memory"))
+    parser.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="train: the recipe's dtype (bf16 matmuls are emulated on most CPUs: minutes per step)")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)

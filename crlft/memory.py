@@ -98,12 +98,16 @@ def memory_per_gpu(
         A :class:`MemoryEstimate`.
     """
     b = 2 if bf16 else 4
-    k = 12 if bf16 else 8
+    # DeepSpeed keeps an fp32 copy of each rank's partition under every ZeRO stage, whatever the model's dtype
+    # (`single_partition_of_fp32_groups`, `fp32_partitioned_groups_flat`: a clone even of fp32 weights).
+    k = 12 if bf16 or zero_stage >= 1 else 8
     psi, n = float(num_params), float(num_gpus)
     trained = psi if num_trainable is None else float(num_trainable)
     zero = ds_config.get("zero_optimization", {})
     weights = b * psi / (n if zero_stage >= 3 else 1)
-    gradients = b * trained / (n if zero_stage >= 2 else 1)
+    # Stages 2 and 3 hold the reduced gradient partition in the model's dtype and, at the step, its fp32 copy as the
+    # master partition's .grad (DeepSpeed 0.19, stage_1_and_2.py / stage3.py).
+    gradients = (b + 4) * trained / n if zero_stage >= 2 else b * trained
     optimizer = k * trained / (n if zero_stage >= 1 else 1)
     cpu = 0.0
     if offload_optimizer and zero_stage >= 1:
@@ -113,9 +117,9 @@ def memory_per_gpu(
         cpu += weights
         weights = 0.0
     reduce_bucket = float(zero.get("reduce_bucket_size", 5e8))
-    allgather_bucket = float(zero.get("allgather_bucket_size", 5e8))
     if zero_stage in (1, 2):
-        buffers = (4.5 * (reduce_bucket + allgather_bucket) if zero.get("overlap_comm") else 2 * reduce_bucket) * b
+        # setup_buckets: one gradient bucket of reduce_bucket_size elements, two with overlap_comm (double buffering).
+        buffers = (2 if zero.get("overlap_comm") else 1) * reduce_bucket * b
     elif zero_stage == 3:
         buffers = (float(zero.get("stage3_max_live_parameters", 1e9)) + reduce_bucket) * b
     else:

@@ -100,17 +100,20 @@ def test_memory_formulas():
     assert (s0.weights, s0.gradients, s0.optimizer, s0.buffers) == (2e9, 2e9, 12e9, 0)
     s1 = memory_per_gpu(psi, n, 1, 0, ds)
     assert (s1.weights, s1.gradients, s1.optimizer) == (2e9, 2e9, 1.5e9)
-    assert s1.buffers == 4.5 * 1e9 * 2  # DeepSpeed's overlap_comm footprint
+    assert s1.buffers == 2 * 5e8 * 2  # two gradient buckets with overlap_comm (DeepSpeed 0.19's setup_buckets)
     s2 = memory_per_gpu(psi, n, 2, 123, ds)
-    assert (s2.weights, s2.gradients, s2.optimizer, s2.activations) == (2e9, 2.5e8, 1.5e9, 123)
+    # the bf16 gradient partition and its fp32 copy at the step
+    assert (s2.weights, s2.gradients, s2.optimizer, s2.activations) == (2e9, 7.5e8, 1.5e9, 123)
     assert s2.total == s2.weights + s2.gradients + s2.optimizer + s2.buffers + 123
     s3 = memory_per_gpu(psi, n, 3, 0, ds, offload_optimizer=True, offload_param=True)
-    assert (s3.weights, s3.gradients, s3.optimizer) == (0, 2.5e8, 0)
+    assert (s3.weights, s3.gradients, s3.optimizer) == (0, 7.5e8, 0)
     assert s3.cpu == 2.5e8 + 1.5e9
     fp32 = memory_per_gpu(psi, n, 0, 0, ds, bf16=False)
-    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4e9, 4e9, 8e9)  # no master copy in fp32
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4e9, 4e9, 8e9)  # no master copy: fp32 without ZeRO
+    fp32_zero2 = memory_per_gpu(psi, n, 2, 0, ds, bf16=False)
+    assert (fp32_zero2.gradients, fp32_zero2.optimizer) == (1e9, 1.5e9)  # DeepSpeed clones the partition to fp32
     no_overlap = memory_per_gpu(psi, n, 2, 0, {"zero_optimization": {"reduce_bucket_size": 5e8}})
-    assert no_overlap.buffers == 2 * 5e8 * 2
+    assert no_overlap.buffers == 5e8 * 2
 
 
 def test_activation_formula(mistral_7b_dir):
