@@ -269,6 +269,30 @@ def run_single(recipe_path: str, overrides: tuple[str, ...] = (), env: dict | No
     return start_single(recipe_path, overrides, env, timeout, check).wait()
 
 
+def train_together(recipe_path: str, out_root, runs: dict[str, tuple[int, tuple[str, ...]]]) -> dict[str, dict]:
+    """Start every run of ``runs`` (name: (ranks, overrides)) at once, in ``out_root/name``; wait for all of them.
+
+    1 rank is ``python -m crlft.train`` (a world of one), more is the DeepSpeed launcher.
+
+    Returns:
+        Per name, ``{"metrics": metrics.jsonl's records, "weights": the final export's tensors}``.
+    """
+    launches = {}
+    for name, (ranks, overrides) in runs.items():
+        overrides = (f"train.output_dir={os.path.join(str(out_root), name)}", *overrides)
+        if ranks == 1:
+            launches[name] = start_single(recipe_path, overrides)
+        else:
+            launches[name] = start_deepspeed(recipe_path, overrides, num_ranks=ranks)
+    results = {}
+    for name, launch in launches.items():
+        launch.wait()
+        out = os.path.join(str(out_root), name)
+        results[name] = {"metrics": read_metrics(out),
+                         "weights": load_safetensors_dir(os.path.join(out, "export", "final"))}
+    return results
+
+
 def refusal_of_train_in_process(recipe, monkeypatch) -> str:
     """The ``UserError`` message of ``crlft.trainer.train(recipe)`` in this process (a world of one, CPU), which the
     caller expects to refuse before loading any model; the process group is left destroyed."""

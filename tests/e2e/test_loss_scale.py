@@ -12,10 +12,9 @@ that ``weight_sum`` gives one update whatever the ranks and the accumulation; so
 the rows are counted over ranks and micro-batches alike.
 """
 
-import os
 
 import pytest
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, start_deepspeed, start_single, write_recipe
+from helpers import prepare_recipe, train_together, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +36,7 @@ def runs(tmp_path_factory, tiny_mistral_dir):
                           batch_max_len=256, grad_accum=4, lr_warmup_ratio=0.0, save_every_steps=None)
     prepare_recipe(recipe)
     # The three runs are independent: started together, they share the two cores.
-    launches = {}
-    for name, (ranks, overrides) in RUNS.items():
-        overrides = (f"train.output_dir={tmp / name}", *overrides)
-        if ranks == 2:
-            launches[name] = start_deepspeed(recipe, overrides, num_ranks=2)
-        else:
-            launches[name] = start_single(recipe, overrides)
-    results = {}
-    for name, launch in launches.items():
-        launch.wait()
-        out = str(tmp / name)
-        results[name] = {"metrics": read_metrics(out),
-                         "weights": load_safetensors_dir(os.path.join(out, "export", "final"))}
-    return results
+    return train_together(recipe, tmp, RUNS)
 
 
 def _worst_difference(a: dict, b: dict) -> float:

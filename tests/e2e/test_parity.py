@@ -16,12 +16,11 @@ factor in the loss scaling (e.g. DeepSpeed's averaging over ranks or accumulatio
 weights by far more than 1e-5.
 """
 
-import os
 
 import numpy as np
 import pytest
 import torch
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, start_deepspeed, start_single, write_recipe
+from helpers import load_safetensors_dir, prepare_recipe, train_together, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -48,20 +47,7 @@ def parity_recipe(tmp_path_factory, tiny_mistral_dir):
 def runs(parity_recipe):
     """Every configuration's metrics and final weights; the four runs are started together."""
     recipe, tmp = parity_recipe
-    launches = {}
-    for name, config in CONFIGS.items():
-        overrides = (f"train.output_dir={tmp / name}", *config["overrides"])
-        if config["ranks"] == 1:
-            launches[name] = start_single(recipe, overrides)
-        else:
-            launches[name] = start_deepspeed(recipe, overrides, num_ranks=config["ranks"])
-    results = {}
-    for name, launch in launches.items():
-        launch.wait()
-        out = str(tmp / name)
-        results[name] = {"metrics": read_metrics(out),
-                         "weights": load_safetensors_dir(os.path.join(out, "export", "final"))}
-    return results
+    return train_together(recipe, tmp, {name: (c["ranks"], c["overrides"]) for name, c in CONFIGS.items()})
 
 
 def test_every_configuration_sees_the_whole_dataset_in_one_step(parity_recipe):
