@@ -80,18 +80,16 @@ fi
 # How many ranks the launcher will start, when this script can tell (the resume check compares it with the
 # checkpoint's); empty when --include/--exclude/--num_nodes or a GPU hostfile leave it to the launcher.
 world_size=""
-# The CUDA devices and a free rendezvous port. Asking torch takes seconds (its import), so a machine without a GPU
-# device node (NVIDIA /dev/nvidiaN, ROCm /dev/kfd, WSL /dev/dxg) is taken to have none without asking.
-if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
-    read -r cuda_devices port < <("$PYTHON" -c 'import torch
-from crlft.dist import free_port
-print(torch.cuda.device_count() if torch.cuda.is_available() else 0, free_port())' 2>/dev/null || echo "0 29500")
-else
-    cuda_devices=0
-    port="$("$PYTHON" -c 'import socket
+# A free rendezvous port (a socket, no torch), and the CUDA devices: asking torch takes seconds (its import), so a
+# machine without a GPU device node (NVIDIA /dev/nvidiaN, ROCm /dev/kfd, WSL /dev/dxg) is taken to have none.
+port="$("$PYTHON" -c 'import socket
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     print(s.getsockname()[1])' 2>/dev/null || echo 29500)"
+cuda_devices=0
+if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd || -e /dev/dxg ]]; then
+    cuda_devices="$("$PYTHON" -c 'import torch
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
 fi
 case " ${launcher_args[*]-} " in
     *" --include"*|*" -i "*|*" --exclude"*|*" -e "*|*" --num_nodes"*) chosen_by_launcher=yes ;;

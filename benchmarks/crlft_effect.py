@@ -100,6 +100,22 @@ def run_record(method: str, seed: int, epochs: int, run_dir: str, condition: str
     }
 
 
+def summarize(runs: list[dict], methods) -> dict:
+    """Per method: mean and std of the accuracy over its runs (seeds), the accuracies, tokens and steps per run."""
+    summary = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        accuracies = [r["accuracy"] for r in mine]
+        summary[method] = {
+            "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "accuracies": accuracies,
+            "tokens_per_run": statistics.mean(r["tokens"] for r in mine),
+            "steps_per_run": statistics.mean(r["steps"] for r in mine),
+        }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -132,16 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:<11} seed {seed}: {runs[-1]['steps']} steps, {runs[-1]['tokens']:,} tokens, "
                   f"accuracy {runs[-1]['accuracy']:.1%} under {condition!r}, {seconds:.0f} s", flush=True)
 
-    summary = {}
-    for method in args.methods:
-        accuracies = [r["accuracy"] for r in runs if r["method"] == method]
-        summary[method] = {
-            "mean": statistics.mean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "accuracies": accuracies,
-            "tokens_per_run": statistics.mean(r["tokens"] for r in runs if r["method"] == method),
-            "steps_per_run": statistics.mean(r["steps"] for r in runs if r["method"] == method),
-        }
+    summary = summarize(runs, args.methods)
     print(f"\nC-RLFT vs SFT, {len(args.seeds)} seeds, {args.steps} steps each, greedy exact match on 300 held-out "
           f"prompts ({time.perf_counter() - started:.0f} s in all)")
     print(f"{'method':<12} {'accuracy (mean ± std)':>22} {'per seed':>24} {'tokens/run':>12}")

@@ -22,13 +22,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from crlft_effect import DEMO, ROOT, results_of, run_overrides, run_record, steps_per_epoch  # noqa: E402 (the same runs, as adapters)
+from crlft_effect import DEMO, ROOT, results_of, run_overrides, run_record, steps_per_epoch, summarize  # noqa: E402 (the same runs, as adapters)
 
 METHODS = {"lora_sft_all": "sft_all", "lora_sft_expert": "sft_expert", "lora_crlft": "crlft"}
 DATA_SEED = 0
@@ -105,15 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:<16} seed {seed}: {runs[-1]['steps']} steps, {runs[-1]['tokens']:,} tokens, accuracy "
                   f"{runs[-1]['accuracy']:.1%} under {condition!r}, {seconds:.0f} s", flush=True)
 
-    summary = {}
-    for method in METHODS:
-        accuracies = [r["accuracy"] for r in runs if r["method"] == method]
-        summary[method] = {
-            "mean": statistics.mean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "accuracies": accuracies,
-            "tokens_per_run": statistics.mean(r["tokens"] for r in runs if r["method"] == method),
-        }
+    summary = summarize(runs, METHODS)
     total = time.perf_counter() - started
     print(f"\nLoRA (r={args.rank}) from a full-SFT-on-all-data base, {len(args.seeds)} seeds, {args.steps} steps each, "
           f"greedy exact match on 300 held-out prompts ({total:.0f} s in all)")

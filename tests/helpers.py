@@ -7,6 +7,7 @@ share two cores without oversubscription.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -207,28 +208,26 @@ class Launch:
     def wait(self) -> subprocess.CompletedProcess:
         """The finished run (stdout and stderr as text); raises if ``check`` and it failed or ran past its timeout."""
         if self._result is None:
+            timed_out = None
             try:
                 self.process.wait(timeout=max(self._deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired as timeout:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-                raise AssertionError(f"{' '.join(self.cmd)} ran past {self.timeout} s:\n{self._read()[-6000:]}") \
-                    from timeout
-            self._out.seek(0)
-            self._err.seek(0)
-            self._result = subprocess.CompletedProcess(self.cmd, self.process.returncode, self._out.read(),
-                                                       self._err.read())
-            self._out.close()
-            self._err.close()
+                timed_out = timeout
+            outputs = []
+            for f in (self._out, self._err):
+                f.seek(0)
+                outputs.append(f.read())
+                f.close()
+            self._result = subprocess.CompletedProcess(self.cmd, self.process.returncode, *outputs)
+            if timed_out is not None:
+                tail = "\n".join(outputs)[-6000:]
+                raise AssertionError(f"{' '.join(self.cmd)} ran past {self.timeout} s:\n{tail}") from timed_out
         if self.check and self._result.returncode != 0:
             tail = (self._result.stdout + "\n" + self._result.stderr)[-6000:]
             raise AssertionError(f"{' '.join(self.cmd)} exited with {self._result.returncode}:\n{tail}")
         return self._result
-
-    def _read(self) -> str:
-        self._out.seek(0)
-        self._err.seek(0)
-        return self._out.read() + "\n" + self._err.read()
 
 
 def deepspeed_command() -> str:
@@ -293,6 +292,20 @@ def train_together(recipe_path: str, out_root, runs: dict[str, tuple[int, tuple[
     return results
 
 
+@contextlib.contextmanager
+def world_of_one(monkeypatch):
+    """This process as the world of one ``crlft train`` forms without a launcher (CPU accelerator); the launcher's
+    variables are restored and the process group destroyed afterwards, whatever the code inside set."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def refusal_of_train_in_process(recipe, monkeypatch) -> str:
     """The ``UserError`` message of ``crlft.trainer.train(recipe)`` in this process (a world of one, CPU), which the
     caller expects to refuse before loading any model; the process group is left destroyed."""
@@ -301,15 +314,8 @@ def refusal_of_train_in_process(recipe, monkeypatch) -> str:
     from crlft.errors import UserError
     from crlft.trainer import train
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)  # restored afterwards, whatever train() sets
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    try:
-        with pytest.raises(UserError) as error:
-            train(recipe)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with world_of_one(monkeypatch), pytest.raises(UserError) as error:
+        train(recipe)
     return str(error.value)
 
 

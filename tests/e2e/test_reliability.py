@@ -23,7 +23,15 @@ import zipfile
 
 import pytest
 import torch
-from helpers import load_safetensors_dir, prepare_recipe, read_metrics, run_deepspeed, start_deepspeed, write_recipe
+from helpers import (
+    load_safetensors_dir,
+    prepare_recipe,
+    read_metrics,
+    run_deepspeed,
+    start_deepspeed,
+    world_of_one,
+    write_recipe,
+)
 
 from crlft import checkpoint as ckpt
 from crlft import manifest
@@ -140,13 +148,8 @@ def test_lr_inf_ends_non_zero_and_writes_nothing(tmp_path, tiny_mistral_dir, cap
 
     recipe = write_recipe(tmp_path, tiny_mistral_dir, epochs=1, save_every_steps=1)
     prepare_recipe(recipe)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    try:
+    with world_of_one(monkeypatch):
         code = main(["train", recipe, "train.lr=.inf"])
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     err = capsys.readouterr().err
     assert code == 2
     assert "(train.lr): must be a finite number, got inf" in err, err
@@ -180,14 +183,8 @@ def test_a_pickle_payload_in_a_deepspeed_shard_is_refused_on_resume_and_export(z
     err = capsys.readouterr().err
     assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt: refused without loading it: its pickle would build exec"
             in err), err
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    try:
+    with world_of_one(monkeypatch):
         code = main(["train", zero2_e2e_run["recipe"], f"train.output_dir={out}", f"train.resume={newest}"])
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     err = capsys.readouterr().err
     assert code == 2
     assert f"(train.resume): {newest} is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt: refused" in err, err
