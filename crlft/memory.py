@@ -121,7 +121,10 @@ def memory_per_gpu(
         # setup_buckets: one gradient bucket of reduce_bucket_size elements, two with overlap_comm (double buffering).
         buffers = (2 if zero.get("overlap_comm") else 1) * reduce_bucket * b
     elif zero_stage == 3:
-        buffers = (float(zero.get("stage3_max_live_parameters", 1e9)) + reduce_bucket) * b
+        # The gathered parameters, the gradient bucket and, with reduce_scatter (the default), the copy of the bucket's
+        # gradients that reduce_scatter_coalesced concatenates (stage3.py __avg_scatter_grads; measured on CPU ranks).
+        copies = 2 if zero.get("reduce_scatter", True) else 1
+        buffers = (float(zero.get("stage3_max_live_parameters", 1e9)) + copies * reduce_bucket) * b
     else:
         buffers = 0.0
     return MemoryEstimate(zero_stage, weights, gradients, optimizer, buffers, float(activations), cpu)

@@ -1,8 +1,8 @@
 """Loading the model to train: weights, the template's special tokens, mean-initialised embeddings, attention.
 
-New embedding rows are set to the *mean* of the existing rows (in fp32), so new tokens start exactly at the centre of
-the existing ones, reproducibly. crlft never downloads: a ``model.base`` that is neither a local directory nor in the
-Hugging Face cache is a ``UserError`` that says so.
+New embedding rows are set to the *mean* of the existing rows (summed in float64), so new tokens start exactly at
+the centre of the existing ones, reproducibly, with or without ZeRO-3. crlft never downloads: a ``model.base`` that
+is neither a local directory nor in the Hugging Face cache is a ``UserError`` that says so.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -107,15 +108,13 @@ def choose_attn_implementation(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _set_new_rows_to_mean(weight: torch.Tensor, old_num_rows: int) -> None:
-    """Rows ``old_num_rows:`` of a ``[vocab, hidden]`` weight := the fp32 mean of rows ``:old_num_rows``.
+def _set_new_rows_to_mean(param: torch.Tensor, old_num_rows: int) -> None:
+    """Rows ``old_num_rows:`` of a ``[vocab, ...]`` parameter := the mean of rows ``:old_num_rows``.
 
-    A ZeRO-3 weight is gathered for this (rank 0 computes, its rows are partitioned again on exit).
+    Computed in float64 chunk by chunk; a ZeRO-3 parameter is not gathered, each rank reduces and writes the rows
+    of its own partition (``zero3_load.row_mean`` / ``fill_rows``).
     """
-    with zero3_load.gathered([weight], modifier_rank=0), torch.no_grad():
-        if not zero3_load.is_partitioned(weight) or torch.distributed.get_rank() == 0:
-            mean = weight[:old_num_rows].float().mean(dim=0)
-            weight[old_num_rows:] = mean.to(weight.dtype)
+    zero3_load.fill_rows(param, old_num_rows, zero3_load.row_mean(param, old_num_rows))
 
 
 def _set_new_embedding_rows_to_mean(model: nn.Module, old_num_rows: int) -> None:
@@ -125,11 +124,8 @@ def _set_new_embedding_rows_to_mean(model: nn.Module, old_num_rows: int) -> None
     output = model.get_output_embeddings()
     if output is not None and output.weight is not input_weight:
         _set_new_rows_to_mean(output.weight, old_num_rows)
-        bias = getattr(output, "bias", None)
-        if bias is not None:
-            with zero3_load.gathered([bias], modifier_rank=0), torch.no_grad():
-                if not zero3_load.is_partitioned(bias) or torch.distributed.get_rank() == 0:
-                    bias[old_num_rows:] = bias[:old_num_rows].float().mean().to(bias.dtype)
+        if getattr(output, "bias", None) is not None:
+            _set_new_rows_to_mean(output.bias, old_num_rows)
     num_rows = zero3_load.full_shape(input_weight)[0]
     logger.info(f"embeddings: {old_num_rows} → {num_rows} rows; the {num_rows - old_num_rows} new rows are the mean "
                 "of the old ones")
@@ -223,6 +219,7 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
     """
     ensure_base_model(recipe)
     rss_before, _ = zero3_load.host_memory_bytes()
+    started = time.perf_counter()
     where = recipe.where("model", "base")
     model_dir = resolve_model_dir(recipe.model.base, where)
     dtype = model_dtype(recipe)
@@ -260,13 +257,14 @@ def load_model(recipe: Recipe, tokenizer: Any, device: torch.device | str | None
         logger.info(f"parameters: {num_params:,} trainable of {num_params:,} (full fine-tuning)")
     model.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device(), rss_before))
+    zero3_load.memory_logger.info(zero3_load.memory_line(model, rank, device or training_device(), rss_before,
+                                                              time.perf_counter() - started))
     return model
 
 
 def _load_partitioned(model_dir: str, dtype: torch.dtype, attn: str, ds_config: dict[str, Any], num_tokens: int):
     """The model built under ``deepspeed.zero.Init`` with ``num_tokens`` embedding rows, each rank reading its own
-    partition of the weights; new token rows = the mean of the old ones, computed on the gathered rows.
+    partition of the weights; new token rows = the mean of the old ones, reduced across the partitions.
 
     transformers' ``resize_token_embeddings`` would replace ZeRO-3 embeddings by full, unpartitioned ones (until
     ``deepspeed.initialize``), so the model is created at its final vocabulary instead. The ``HfDeepSpeedConfig``
@@ -278,7 +276,8 @@ def _load_partitioned(model_dir: str, dtype: torch.dtype, attn: str, ds_config: 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     old_rows = int(config.vocab_size)
     config.vocab_size = max(old_rows, num_tokens)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    with zero3_load.without_random_init():  # every parameter is read from the checkpoint next
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     embeddings = {name for name, p in model.named_parameters()
                   if any(p is m.weight or p is getattr(m, "bias", None)
                          for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None)}

@@ -1,6 +1,7 @@
 """ZeRO-3 loading on two spawned CPU ranks: the model is created partitioned, each rank reads only its part of the
-weights, no rank ever holds a parameter unpartitioned, and the gathered weights equal a plain ``from_pretrained``
-with mean-initialised new token rows (the base has 32,000 rows, the OpenChat 3.5 tokenizer 32,002)."""
+weights, no rank ever holds a parameter unpartitioned or gathers one while loading, and the gathered weights (and
+buffers) equal a plain ``from_pretrained`` with mean-initialised new token rows (the base has 32,000 rows, the
+OpenChat 3.5 tokenizer 32,002)."""
 
 import os
 
@@ -28,14 +29,35 @@ def _worker(rank, world_size, port, recipe_path, out_dir):
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(recipe.model.base, TEMPLATES[recipe.model.template])
-    model = load_model(recipe, tokenizer, "cpu", ds_config=deepspeed_config(recipe))
+    gathers = []  # every GatheredParameters made while loading (transformers' re-initialisation makes them)
+    original = deepspeed.zero.GatheredParameters
+
+    class Counting(original):
+        def __init__(self, params, *args, **kwargs):
+            gathers.append(len(list(params)) if isinstance(params, (list, tuple)) else 1)
+            super().__init__(params, *args, **kwargs)
+
+    broadcasts = []  # zero.Init broadcasts every new parameter from rank 0 unless crlft skips it
+    original_broadcast = deepspeed.comm.broadcast
+
+    def counting_broadcast(tensor, *args, **kwargs):
+        broadcasts.append(tensor.numel())
+        return original_broadcast(tensor, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters, deepspeed.comm.broadcast = Counting, counting_broadcast
+    try:
+        model = load_model(recipe, tokenizer, "cpu", ds_config=deepspeed_config(recipe))
+    finally:
+        deepspeed.zero.GatheredParameters, deepspeed.comm.broadcast = original, original_broadcast
     # Right after loading: what this rank holds of each parameter (its data and its partition).
     held = {name: (p.data.numel(), p.ds_tensor.numel(), full_numel(p)) for name, p in model.named_parameters()}
     gathered = {}
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             gathered[name] = p.data.clone()
-    torch.save({"held": held, "gathered": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.save({"held": held, "gathered": gathered, "buffers": buffers, "gathers": gathers, "broadcasts": broadcasts},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +106,14 @@ def test_no_rank_holds_any_parameter_unpartitioned(loaded):
         assert sum(p for _, p, _ in state["held"].values()) < 0.51 * sum(f for _, _, f in state["held"].values())
 
 
+def test_loading_gathers_and_broadcasts_nothing(loaded):
+    """Neither the new rows' mean nor a random initialisation gathers parameters while loading, and zero.Init's
+    broadcast of each new parameter's initial values (overwritten by the checkpoint) is skipped."""
+    _, ranks = loaded
+    assert [state["gathers"] for state in ranks] == [[], []]
+    assert [state["broadcasts"] for state in ranks] == [[], []]
+
+
 def test_gathered_weights_equal_from_pretrained_with_mean_rows(loaded, base_dir):
     from transformers import AutoModelForCausalLM
 
@@ -98,5 +128,19 @@ def test_gathered_weights_equal_from_pretrained_with_mean_rows(loaded, base_dir)
         for name, value in state["gathered"].items():
             assert torch.equal(value, expected[name].data), name
     embed = ranks[0]["gathered"]["model.embed_tokens.weight"]
-    mean = embed[:BASE_ROWS].float().mean(dim=0).to(torch.bfloat16)
+    mean = embed[:BASE_ROWS].double().mean(dim=0).to(torch.bfloat16)
     assert torch.equal(embed[BASE_ROWS], mean) and torch.equal(embed[BASE_ROWS + 1], mean)
+
+
+def test_buffers_equal_from_pretrained(loaded, base_dir):
+    """The parameters' random initialisation is skipped (``without_random_init``); the buffers it also sets (the
+    rotary frequencies) are the same as a plain load's."""
+    from transformers import AutoModelForCausalLM
+
+    _, ranks = loaded
+    expected = dict(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).named_buffers())
+    assert expected  # inv_freq at least
+    for state in ranks:
+        assert state["buffers"].keys() == expected.keys()
+        for name, value in state["buffers"].items():
+            assert value.dtype == expected[name].dtype and torch.equal(value, expected[name]), name

@@ -114,6 +114,10 @@ def test_memory_formulas():
     assert (fp32_zero2.gradients, fp32_zero2.optimizer) == (1e9, 1.5e9)  # DeepSpeed clones the partition to fp32
     no_overlap = memory_per_gpu(psi, n, 2, 0, {"zero_optimization": {"reduce_bucket_size": 5e8}})
     assert no_overlap.buffers == 5e8 * 2
+    # ZeRO-3: live gathered parameters + the gradient bucket + reduce_scatter_coalesced's concatenated copy of it
+    assert memory_per_gpu(psi, n, 3, 0, ds).buffers == (1e9 + 2 * 5e8) * 2
+    all_reduce = {"zero_optimization": {"reduce_bucket_size": 5e8, "reduce_scatter": False}}
+    assert memory_per_gpu(psi, n, 3, 0, all_reduce).buffers == (1e9 + 5e8) * 2
 
 
 def test_activation_formula(mistral_7b_dir):
