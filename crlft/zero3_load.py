@@ -172,6 +172,20 @@ def _copy_flat_slice(path: str, data_offset: int, entry: dict[str, Any], start: 
             out[begin: begin + count].copy_(torch.frombuffer(view, dtype=dtype))
 
 
+def _flat_view(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(flat, first)``: the row-major elements this rank holds of ``param`` and the flat index of the first.
+
+    A ZeRO-3 parameter's partition is the flat slice ``[rank·p, (rank+1)·p)`` (the padding of the last one past
+    ``numel`` left out); any other tensor is held whole.
+    """
+    if not is_partitioned(param):
+        return param.data.view(-1), 0
+    rank = torch.distributed.get_rank(group=param.ds_process_group)
+    part = param.ds_tensor.numel()
+    first = rank * part
+    return param.ds_tensor.data[: max(min(part, full_numel(param) - first), 0)], first
+
+
 def load_partitioned_weights(model: torch.nn.Module, model_dir: str, grown: frozenset[str] = frozenset()) -> bool:
     """Copy this rank's partition of every parameter from ``model_dir``'s safetensors files into ``ds_tensor``.
 
@@ -197,31 +211,14 @@ def load_partitioned_weights(model: torch.nn.Module, model_dir: str, grown: froz
             return False
     for name, param in params.items():
         path, offset, entry = index[name]
-        rank = torch.distributed.get_rank(group=param.ds_process_group)
-        part = param.ds_tensor.numel()
-        start = rank * part
-        end = min(start + part, full_numel(param))
-        stored = min(end, math.prod(entry["shape"]))  # rows past the checkpoint's (grown embeddings) stay as they are
+        held, start = _flat_view(param)
+        # Rows past the checkpoint's (grown embeddings) stay as they are; the caller sets them.
+        stored = min(start + held.numel(), math.prod(entry["shape"]))
         with torch.no_grad():
-            if end < start + part:
-                param.ds_tensor.data[max(end - start, 0):].zero_()  # the padding of the last partition
+            param.ds_tensor.data[held.numel():].zero_()  # the padding of the last partition (empty elsewhere)
             if stored > start:
-                _copy_flat_slice(path, offset, entry, start, param.ds_tensor.data[: stored - start])
+                _copy_flat_slice(path, offset, entry, start, held[: stored - start])
     return True
-
-
-def _flat_view(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(flat, first)``: the row-major elements this rank holds of ``param`` and the flat index of the first.
-
-    A ZeRO-3 parameter's partition is the flat slice ``[rank·p, (rank+1)·p)`` (the padding of the last one past
-    ``numel`` left out); any other tensor is held whole.
-    """
-    if not is_partitioned(param):
-        return param.data.view(-1), 0
-    rank = torch.distributed.get_rank(group=param.ds_process_group)
-    part = param.ds_tensor.numel()
-    first = rank * part
-    return param.ds_tensor.data[: max(min(part, full_numel(param) - first), 0)], first
 
 
 def _row_pieces(first: int, stop: int, width: int):
